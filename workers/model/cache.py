@@ -1,0 +1,76 @@
+"""The KV-cache protocol every cache implements, and the full-precision ``DynamicCache``.
+
+A cache is asked once per attention layer per forward:
+``update(layer, k, v, pos, idx_k) -> KVView`` with the new tokens' keys/values
+(k, v: [B, T, Hkv, Dh], keys after RoPE), their true positions ``pos`` [B, T] and, for
+layers that run a DSA indexer, their indexer keys ``idx_k`` [B, T, Di]. It returns every
+key the new queries may attend to, new tokens included, with positions [B, S]; causality
+is decided by positions, so caches that evict tokens (PrefixKV) or store them quantized
+(KVTuner) implement the same protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class KVView:
+    k: torch.Tensor  # [B, S, Hkv, Dh]
+    v: torch.Tensor  # [B, S, Hkv, Dh]
+    pos: torch.Tensor  # [B, S] long, -1 = empty slot
+    idx_k: torch.Tensor | None = None  # [B, S, Di]
+
+
+class KVCacheProtocol(Protocol):
+    def update(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: torch.Tensor,
+        idx_k: torch.Tensor | None = None,
+    ) -> KVView: ...
+
+    def length(self, layer: int) -> int: ...
+
+    def nbytes(self) -> int: ...
+
+
+class DynamicCache:
+    """Full-precision cache that grows by concatenation (the reference every other cache is compared to)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.n_layers = n_layers
+        self.layers: list[KVView | None] = [None] * n_layers
+
+    def update(self, layer, k, v, pos, idx_k=None) -> KVView:
+        old = self.layers[layer]
+        if old is None:
+            view = KVView(k, v, pos, idx_k)
+        else:
+            view = KVView(
+                torch.cat([old.k, k], 1),
+                torch.cat([old.v, v], 1),
+                torch.cat([old.pos, pos], 1),
+                None if idx_k is None or old.idx_k is None else torch.cat([old.idx_k, idx_k], 1),
+            )
+        self.layers[layer] = view
+        return view
+
+    def length(self, layer: int) -> int:
+        view = self.layers[layer]
+        return 0 if view is None else view.k.shape[1]
+
+    def nbytes(self) -> int:
+        total = 0
+        for view in self.layers:
+            if view is None:
+                continue
+            for t in (view.k, view.v, view.idx_k):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total

@@ -1,0 +1,67 @@
+"""Checkpoints: a directory with config.json + model.safetensors.
+
+A model is addressed by ``runs:/<run_id>/model`` (an MLflow artifact) or a local directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from .config import ModelConfig
+from .transformer import CalibLM
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(FileNotFoundError):
+    """A model address does not resolve to a readable checkpoint."""
+
+
+def save(model: CalibLM, directory: str | Path, meta: dict | None = None) -> Path:
+    """Write ``model`` to ``directory`` (created). Buffers (router state) are saved too."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / CONFIG_FILE).write_text(model.cfg.to_json())
+    save_model(model, str(d / WEIGHTS_FILE), metadata={"calibray": json.dumps(meta or {})})
+    return d
+
+
+def resolve(address: str | Path) -> Path:
+    """``runs:/<id>/model`` or a directory -> local directory holding the checkpoint."""
+    address = str(address)
+    if address.startswith("hf:"):
+        raise CheckpointError(f"model={address!r}: hf: models load through workers.hf_adapter, not CalibLM")
+    if address.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        from workers.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=address))
+        except Exception as e:  # mlflow raises several types for a missing run or artifact
+            raise CheckpointError(f"model={address!r}: cannot download from MLflow ({e})") from e
+    else:
+        path = Path(address).expanduser()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"model={address!r}: missing {name} in {path}")
+    return path
+
+
+def load_config(address: str | Path) -> ModelConfig:
+    return ModelConfig.from_dict(json.loads((resolve(address) / CONFIG_FILE).read_text()))
+
+
+def load(address: str | Path, device: str | torch.device = "cpu") -> CalibLM:
+    """Load a CalibLM in eval mode from an address (see module docstring)."""
+    path = resolve(address)
+    cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    model = CalibLM(cfg)
+    load_model(model, str(path / WEIGHTS_FILE), device=str(device))
+    return model.to(device).eval()

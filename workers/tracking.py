@@ -1,0 +1,137 @@
+"""The one tracking layer: MLflow URI resolution, runs that end FAILED on error, tags.
+
+``tracking_uri()``: ``MLFLOW_TRACKING_URI`` if set (a cluster's ``mlflow server``), else a
+SQLite file at the repository root (``mlruns.db``). ``file:`` stores are refused by MLflow 3.
+One writer at a time: the driver, or rank 0 inside a Ray Train fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DB = REPO_ROOT / "mlruns.db"
+DEFAULT_ARTIFACTS = REPO_ROOT / "artifacts" / "mlflow"
+
+
+class TrackingError(ValueError):
+    pass
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        if uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks")):
+            raise TrackingError(
+                f"MLFLOW_TRACKING_URI={uri!r}: file stores are refused by MLflow 3; "
+                "use sqlite:///path.db or http://host:port"
+            )
+        return uri
+    return f"sqlite:///{DEFAULT_DB}"
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the tracking URI and make sure ``experiment`` exists; returns its id."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    # A local store keeps artifacts beside the database, not in the caller's working directory.
+    location = (
+        None
+        if uri.startswith("http")
+        else (
+            DEFAULT_ARTIFACTS
+            if "MLFLOW_TRACKING_URI" not in os.environ
+            else Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        )
+    )
+    try:
+        return client.create_experiment(experiment, artifact_location=location.as_uri() if location else None)
+    except mlflow.exceptions.MlflowException:
+        return client.get_experiment_by_name(experiment).experiment_id  # created concurrently
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _clean(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
+    """Log a flat dict as params (in batches; MLflow caps a batch at 100)."""
+    items = [mlflow.entities.Param(k, _clean(v)) for k, v in sorted(params.items())]
+    client = MlflowClient(tracking_uri())
+    run_id = run_id or mlflow.active_run().info.run_id
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    client = MlflowClient(tracking_uri())
+    run_id = run_id or mlflow.active_run().info.run_id
+    ts = int(time.time() * 1000)
+    items = [mlflow.entities.Metric(k, float(v), ts, step or 0) for k, v in sorted(metrics.items())]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+@contextlib.contextmanager
+def start_run(
+    pipeline: str,
+    *,
+    experiment: str = "calibray",
+    run_name: str | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    run_id: str | None = None,
+    nested: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that ends FINISHED, or FAILED (keeping what it logged) on any exception.
+
+    ``run_id`` resumes an existing run (a run killed outright stays RUNNING; resuming it is how it
+    gets a proper end).
+    """
+    exp_id = setup(experiment)
+    all_tags = {"pipeline": pipeline, "git_commit": git_commit(), **(tags or {})}
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else exp_id,
+        run_name=run_name,
+        nested=nested,
+        tags=None if run_id else all_tags,
+    ) as run:
+        if run_id:
+            mlflow.set_tags({"resumed": "true"})
+        elif params:
+            log_params(params)
+        try:
+            yield run
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+
+
+def mark_failed_if_running(run_id: str) -> None:
+    """A run killed outright stays RUNNING; a resume marks it FAILED before continuing elsewhere."""
+    client = MlflowClient(tracking_uri())
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status="FAILED")
