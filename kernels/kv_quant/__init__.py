@@ -39,9 +39,7 @@ __all__ = [
 ]
 
 
-def quantize_pack(
-    x: torch.Tensor, bits: int, mode: str = "per_token", role: str = "k", group: int = 32
-) -> PackedKV:
+def quantize_pack(x: torch.Tensor, bits: int, mode: str = "per_token", role: str = "k", group: int = 32) -> PackedKV:
     """x [B, S, H, Dh] -> PackedKV(codes [B, S, H, W] int32, scale/zero [B, S//rt, H, ceil(Dh/rc)])."""
     validate(bits, mode, role, group)
     if x.dim() != 4:

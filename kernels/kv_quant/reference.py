@@ -148,9 +148,7 @@ def _grouped(x: torch.Tensor, rt: int, rc: int) -> torch.Tensor:
     return xp.view(b, s // rt, rt, h, gc, rc)
 
 
-def quantize_codes(
-    x: torch.Tensor, bits: int, rt: int, rc: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_codes(x: torch.Tensor, bits: int, rt: int, rc: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [B, S, H, Dh] -> (codes [B, S, H, Dh] int32, scale, zero [B, S//rt, H, ceil(Dh/rc)] fp32)."""
     b, s, h, dh = x.shape
     xg = _grouped(x.float(), rt, rc)
@@ -165,9 +163,7 @@ def quantize_codes(
     return codes, scale, lo
 
 
-def dequantize_codes(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rt: int, rc: int
-) -> torch.Tensor:
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rt: int, rc: int) -> torch.Tensor:
     """codes [B, S, H, Dh] -> x_hat [B, S, H, Dh] fp32 = code * scale + min of its group."""
     dh = codes.shape[-1]
     sc = scale.repeat_interleave(rt, dim=1).repeat_interleave(rc, dim=3)[..., :dh]
@@ -175,9 +171,7 @@ def dequantize_codes(
     return codes.float() * sc + zr
 
 
-def quantize_pack(
-    x: torch.Tensor, bits: int, mode: str = "per_token", role: str = "k", group: int = 32
-) -> PackedKV:
+def quantize_pack(x: torch.Tensor, bits: int, mode: str = "per_token", role: str = "k", group: int = 32) -> PackedKV:
     """x [B, S, H, Dh] (K or V after RoPE) -> PackedKV (layout in the module docstring)."""
     validate(bits, mode, role, group)
     if x.dim() != 4:

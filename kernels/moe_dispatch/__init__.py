@@ -67,8 +67,7 @@ def unpermute(y_sorted: torch.Tensor, order: torch.Tensor, gates: torch.Tensor) 
     check(gates.dim() == 2, f"unpermute: gates must be [N, K], got shape {tuple(gates.shape)}")
     check(
         y_sorted.shape[0] == gates.numel() == order.numel(),
-        f"unpermute: y_sorted rows {y_sorted.shape[0]}, order {order.numel()}"
-        f" and gates N*K {gates.numel()} differ",
+        f"unpermute: y_sorted rows {y_sorted.shape[0]}, order {order.numel()} and gates N*K {gates.numel()} differ",
     )
     if use_triton(y_sorted):
         return triton_module("moe_dispatch").unpermute(y_sorted, order, gates)
