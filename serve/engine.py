@@ -1,0 +1,245 @@
+"""Incremental decoding with continuous batching, independent of Ray Serve.
+
+A single step loop owns the model. Each step it (1) admits waiting requests up to
+``max_batch_size``, prefilling each prompt into the request's own KV cache, then (2) runs one
+decode step for every active request as one batch (``BatchCache`` stacks their caches). A
+request that finishes leaves the batch at once and a waiting one takes its place, so
+throughput grows with concurrency while each request's text depends only on its own seed.
+The model runs in a worker thread, so the replica's event loop keeps answering health checks
+and accepting requests during a step.
+
+Events a request receives: ``{"type": "token", "text": str, "token": int}`` per token (a last
+``token: None`` event carries text held back until the end), then one
+``{"type": "done", "finish_reason": "stop"|"length", "usage": {...}}`` or ``{"type": "error", ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from serve.batch_cache import BatchCache
+from serve.sampling import make_generator, sample_next
+from serve.textstream import TextStream
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching and limits of one model replica."""
+
+    max_batch_size: int = 16
+    batch_wait_s: float = 0.002  # when idle, wait this long for companions before the first step
+    max_context: int = 512  # prompt + generated tokens per request
+    max_consecutive_failures: int = 3  # steps failing in a row before the replica reports unhealthy
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size!r}: must be >= 1")
+        if self.batch_wait_s < 0:
+            raise ValueError(f"batch_wait_s={self.batch_wait_s!r}: must be >= 0")
+        if self.max_context < 2:
+            raise ValueError(f"max_context={self.max_context!r}: must be >= 2")
+
+
+@dataclass
+class GenRequest:
+    """One generation request after validation; prompt_ids are token ids."""
+
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Seq:
+    req: GenRequest
+    cache: object
+    generator: torch.Generator
+    text: TextStream
+    queue: asyncio.Queue
+    last_token: int = -1
+    next_pos: int = 0
+    generated: int = 0
+    peak_kv_bytes: int = 0
+    cancelled: bool = False
+
+
+class Engine:
+    """Owns a model and a per-request cache factory; ``generate`` streams events for one request.
+
+    model: CalibLM-like (``forward(tokens [B,T], positions=, cache=, pattern=, observer=)``).
+    cache_factory: () -> new empty cache for one request (the KV-cache protocol).
+    token_bytes: token id -> bytes of its text (bytes([id]) for the byte tokenizer).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache_factory: Callable[[], object],
+        token_bytes: Callable[[int], bytes],
+        config: EngineConfig,
+        pattern: str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.cache_factory = cache_factory
+        self.token_bytes = token_bytes
+        self.config = config
+        self.pattern = pattern
+        self.device = next(model.parameters()).device
+        self._waiting: list[_Seq] = []
+        self._active: list[_Seq] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._failures = 0
+        self.steps = 0  # decode steps run, and the batch sizes they had (for stats)
+        self.batch_tokens = 0
+
+    # -- public ---------------------------------------------------------------------------------
+    async def generate(self, req: GenRequest) -> AsyncIterator[dict]:
+        if len(req.prompt_ids) + req.max_tokens > self.config.max_context:
+            raise ValueError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
+                f"the context of {self.config.max_context} tokens"
+            )
+        self._ensure_loop()
+        seq = _Seq(req, self.cache_factory(), make_generator(req.seed), TextStream(req.stop), asyncio.Queue())
+        self._waiting.append(seq)
+        self._wake.set()
+        try:
+            while True:
+                event = await seq.queue.get()
+                yield event
+                if event["type"] in ("done", "error"):
+                    return
+        finally:
+            # A client that goes away frees its batch slot at the next step.
+            seq.cancelled = True
+
+    def healthy(self) -> bool:
+        if self._task is not None and self._task.done():
+            return False
+        return self._failures < self.config.max_consecutive_failures
+
+    def stats(self) -> dict:
+        return {
+            "active": len(self._active),
+            "waiting": len(self._waiting),
+            "decode_steps": self.steps,
+            "mean_decode_batch": self.batch_tokens / max(self.steps, 1),
+        }
+
+    # -- the step loop ----------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            self._active = [s for s in self._active if not s.cancelled]
+            self._waiting = [s for s in self._waiting if not s.cancelled]
+            if not self._active and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                if self.config.batch_wait_s > 0 and self.config.max_batch_size > 1:
+                    await asyncio.sleep(self.config.batch_wait_s)
+                continue
+            room = self.config.max_batch_size - len(self._active)
+            admitted, self._waiting = self._waiting[:room], self._waiting[room:]
+            for seq in admitted:
+                if await self._run_step(self._prefill, [seq]):
+                    self._active.append(seq)
+            self._active = [s for s in self._active if not self._finish_if_done(s)]
+            # Requests admitted this round already got their first token from the prefill.
+            batch = [s for s in self._active if s not in admitted]
+            if batch:
+                await self._run_step(self._decode, batch)
+            self._active = [s for s in self._active if not self._finish_if_done(s)]
+            await asyncio.sleep(0)
+
+    async def _run_step(self, fn, seqs: list[_Seq]) -> bool:
+        try:
+            tokens = await asyncio.to_thread(fn, seqs)
+        except Exception as exc:  # a failed step fails its requests, not the replica
+            self._failures += 1
+            for s in seqs:
+                s.queue.put_nowait({"type": "error", "message": f"{type(exc).__name__}: {exc}"})
+                s.cancelled = True
+            return False
+        self._failures = 0
+        for s, tok in zip(seqs, tokens):
+            self._emit(s, tok)
+        return True
+
+    # -- model work (worker thread) -----------------------------------------------------------------
+    @torch.inference_mode()
+    def _prefill(self, seqs: list[_Seq]) -> list[int]:
+        (seq,) = seqs
+        ids = torch.tensor([seq.req.prompt_ids], dtype=torch.long, device=self.device)
+        pos = torch.arange(ids.shape[1], device=self.device)[None]
+        logits = self._forward(ids, pos, seq.cache)
+        end_prefill = getattr(seq.cache, "end_prefill", None)
+        if end_prefill is not None:
+            end_prefill()  # evicting / quantizing caches compress the prompt here
+        seq.next_pos = ids.shape[1]
+        return [self._sample(seq, logits[0, -1])]
+
+    @torch.inference_mode()
+    def _decode(self, seqs: list[_Seq]) -> list[int]:
+        ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[s.next_pos] for s in seqs], dtype=torch.long, device=self.device)
+        cache = BatchCache([s.cache for s in seqs]) if len(seqs) > 1 else seqs[0].cache
+        logits = self._forward(ids, pos, cache)
+        self.steps += 1
+        self.batch_tokens += len(seqs)
+        for s in seqs:
+            s.next_pos += 1
+        return [self._sample(s, logits[b, -1]) for b, s in enumerate(seqs)]
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        observer = getattr(cache, "observe", None)
+        out = self.model(ids, positions=pos, cache=cache, pattern=self.pattern, observer=observer)
+        return out.logits if hasattr(out, "logits") else out
+
+    def _sample(self, seq: _Seq, logits: torch.Tensor) -> int:
+        r = seq.req
+        return sample_next(logits, r.temperature, r.top_p, seq.generator)
+
+    # -- bookkeeping (event loop) -------------------------------------------------------------------
+    def _emit(self, seq: _Seq, token: int) -> None:
+        seq.last_token = token
+        seq.generated += 1
+        with contextlib.suppress(Exception):
+            seq.peak_kv_bytes = max(seq.peak_kv_bytes, int(seq.cache.nbytes()))
+        # Every token is an event (text may be empty while a character or stop string is pending).
+        seq.queue.put_nowait({"type": "token", "text": seq.text.push(self.token_bytes(token)), "token": token})
+
+    def _finish_if_done(self, seq: _Seq) -> bool:
+        if seq.cancelled:
+            return True
+        if not seq.text.stopped and seq.generated < seq.req.max_tokens:
+            return False
+        reason = "stop" if seq.text.stopped else "length"
+        tail = seq.text.finish()
+        if tail:
+            seq.queue.put_nowait({"type": "token", "text": tail, "token": None})
+        seq.queue.put_nowait(
+            {
+                "type": "done",
+                "finish_reason": reason,
+                "usage": {
+                    "prompt_tokens": len(seq.req.prompt_ids),
+                    "completion_tokens": seq.generated,
+                    "total_tokens": len(seq.req.prompt_ids) + seq.generated,
+                    "kv_cache_bytes": seq.peak_kv_bytes,
+                },
+            }
+        )
+        return True
