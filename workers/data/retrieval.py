@@ -46,13 +46,13 @@ class RetrievalConfig:
             raise RetrievalError(
                 f"min_queries={self.min_queries}, max_queries={self.max_queries}: need 1 <= min <= max"
             )
-        if self.max_queries > self.min_records:
-            raise RetrievalError(f"max_queries={self.max_queries}: cannot exceed min_records={self.min_records}")
-        need = self.max_records * RECORD_LEN + self.max_queries * (RECORD_LEN - 1) + 8
+        if self.min_queries > self.min_records:
+            raise RetrievalError(f"min_queries={self.min_queries}: cannot exceed min_records={self.min_records}")
+        need = self.max_records * RECORD_LEN + min(self.max_queries, self.max_records) * (RECORD_LEN - 1) + 8
         if self.length < need:
             raise RetrievalError(
                 f"length={self.length}: too short for {self.max_records} records and "
-                f"{self.max_queries} queries (need >= {need})"
+                f"{min(self.max_queries, self.max_records)} queries (need >= {need})"
             )
 
 
@@ -121,8 +121,15 @@ class RetrievalEvalSet:
 
 
 def eval_set(
-    filler: bytes, n: int = 1000, length: int = 256, seed: int = 1234, split: str = "heldout"
+    filler: bytes,
+    n: int = 1000,
+    length: int = 256,
+    seed: int = 1234,
+    split: str = "heldout",
+    min_records: int = 4,
+    max_records: int = 8,
 ) -> RetrievalEvalSet:
     """Held-out evaluation queries (filler from the given split, one query per sequence)."""
-    seqs, _ = make_batch(filler, RetrievalConfig(length=length), n, seed)
+    cfg = RetrievalConfig(length=length, min_records=min_records, max_records=max_records)
+    seqs, _ = make_batch(filler, cfg, n, seed)
     return RetrievalEvalSet(seqs[:, : length - VALUE_LEN], seqs[:, length - VALUE_LEN :], seed, split)

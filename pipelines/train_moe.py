@@ -1,0 +1,219 @@
+"""Train a calibray model (DSA-MoE, dense Llama-shaped, or the retrieval testbed) on Ray Train.
+
+Examples (embedded default: local Ray, MLflow in ./mlruns.db, CPU)::
+
+    python -m pipelines.train_moe --preset tiny                  # seconds, for a smoke test
+    python -m pipelines.train_moe --preset demo --workers 2      # the demo DSA-MoE model
+    python -m pipelines.train_moe --preset retrieval             # the retrieval testbed
+    python -m pipelines.train_moe --preset demo --resume <run_id>  # continue a crashed run
+
+On a cluster: ``ray job submit --address ... --working-dir . -- python -m pipelines.train_moe
+--preset demo --workers 8`` with MLFLOW_TRACKING_URI pointing at the head's mlflow server.
+The trained model is the MLflow artifact ``model`` (address ``runs:/<run_id>/model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import torch
+
+from workers import tracking
+from workers.data.corpus import load_corpus
+from workers.data.shards import write_shards
+from workers.model.config import ConfigError, IndexerConfig, MoEConfig, RouterConfig
+from workers.training.config import RECIPES, TrainConfig, recipe
+from workers.training.evaluate import final_report
+from workers.training.loop import META_FILE, STATE_FILE
+
+ARTIFACTS = tracking.REPO_ROOT / "artifacts"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.train_moe", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(RECIPES), help="named recipe (model + schedule)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="sequences per worker per step")
+    p.add_argument("--seq-len", type=int, help="training sequence length in bytes")
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    p.add_argument("--dense-warmup-steps", type=int, help="DSA: dense steps before sparse attention")
+    p.add_argument("--seed", type=int, help="seed for weights and data order")
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker")
+    p.add_argument("--ep-size", type=int, help="expert-parallel group size (MoE)")
+    p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage for dense parameters (0, 1, 2)")
+    p.add_argument("--n-layers", type=int, help="model: layers")
+    p.add_argument("--d-model", type=int, help="model: width")
+    p.add_argument("--n-heads", type=int, help="model: attention heads")
+    p.add_argument("--n-kv-heads", type=int, help="model: key/value heads (GQA)")
+    p.add_argument("--topk", type=int, help="model: DSA top-k")
+    p.add_argument("--n-experts", type=int, help="model: MoE experts")
+    p.add_argument("--router", choices=["none", "aux_loss", "loss_free", "bip"], help="MoE routing strategy")
+    p.add_argument("--bip-mode", choices=["pre", "causal"], help="BIP: route with this batch's prices or last step's")
+    p.add_argument("--corpus", help="'pydoc' (default) or a .txt / .jsonl / .parquet file with a text column")
+    p.add_argument("--experiment", default="calibray", help="MLflow experiment name")
+    p.add_argument("--run-name", help="MLflow run name")
+    p.add_argument(
+        "--resume", metavar="RUN_ID", help="continue the training of this MLflow run from its last checkpoint"
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Recipe + overrides, validated (a bad value raises a ConfigError naming it)."""
+    tc = recipe(args.preset)
+    m = tc.model
+    model_changes = {
+        k: v
+        for k, v in {
+            "n_layers": args.n_layers,
+            "d_model": args.d_model,
+            "n_heads": args.n_heads,
+            "n_kv_heads": args.n_kv_heads,
+        }.items()
+        if v is not None
+    }
+    if args.topk is not None:
+        if m.indexer is None:
+            raise ConfigError(f"--topk={args.topk}: preset {args.preset!r} has no indexer")
+        model_changes["indexer"] = IndexerConfig(**{**m.indexer.__dict__, "topk": args.topk})
+    if any(v is not None for v in (args.n_experts, args.router, args.bip_mode)):
+        if m.moe is None:
+            raise ConfigError(f"--n-experts/--router: preset {args.preset!r} has no MoE")
+        router = RouterConfig(
+            **{
+                **m.moe.router.__dict__,
+                **({"strategy": args.router} if args.router else {}),
+                **({"bip_mode": args.bip_mode} if args.bip_mode else {}),
+            }
+        )
+        model_changes["moe"] = MoEConfig(
+            **{**m.moe.__dict__, "router": router, **({"n_experts": args.n_experts} if args.n_experts else {})}
+        )
+    if model_changes:
+        m = m.replace(**model_changes)
+    changes = {"model": m}
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "lr",
+        "dense_warmup_steps",
+        "seed",
+        "ep_size",
+        "zero_stage",
+        "cpus_per_worker",
+        "corpus",
+    ):
+        v = getattr(args, name)
+        if v is not None:
+            changes[name] = v
+    if args.workers is not None:
+        changes["num_workers"] = args.workers
+    return tc.replace(**changes)
+
+
+def latest_checkpoint(run_id: str) -> Path | None:
+    """The newest checkpoint directory a run's trainer left under artifacts/ray_results."""
+    best, best_step = None, -1
+    for meta in (ARTIFACTS / "ray_results" / f"train-{run_id}").rglob(META_FILE):
+        step = json.loads(meta.read_text())["step"]
+        if step > best_step and (meta.parent / STATE_FILE).exists():
+            best, best_step = meta.parent, step
+    return best
+
+
+def fit(tc: TrainConfig, run_id: str, corpus, resume_dir: Path | None, extra: dict | None = None):
+    """Run the Ray Train fit; returns the final checkpoint directory (a local path)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers.ray_utils import init_ray
+    from workers.training.loop import train_loop
+
+    init_ray()
+    use_gpu = torch.cuda.is_available()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "train": tc.to_dict(),
+            "run_id": run_id,
+            "tracking_uri": tracking.tracking_uri(),
+            "train_tokens": corpus.tokens("train"),
+            "filler": corpus.train,
+            "resume_dir": str(resume_dir) if resume_dir else None,
+            **(extra or {}),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"train-{run_id}",
+            storage_path=str(ARTIFACTS / "ray_results"),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return Path(result.checkpoint.path)
+
+
+def run(
+    tc: TrainConfig,
+    *,
+    experiment: str = "calibray",
+    run_name: str | None = None,
+    resume: str | None = None,
+    extra: dict | None = None,
+) -> str:
+    """Train, evaluate on held-out data, log everything; returns the MLflow run id."""
+    corpus = load_corpus(tc.corpus)
+    write_shards(corpus, ARTIFACTS / "data")
+    resume_dir = None
+    tags = {"corpus_sha256": corpus.sha256, "preset": tc.preset}
+    if resume:
+        tracking.setup(experiment)
+        tracking.mark_failed_if_running(resume)
+        resume_dir = latest_checkpoint(resume)
+        if resume_dir is None:
+            raise FileNotFoundError(f"--resume={resume!r}: no checkpoint under {ARTIFACTS / 'ray_results'}")
+        tags["resumed_from"] = resume
+        print(f"resuming run {resume} from {resume_dir}", flush=True)
+    with tracking.start_run(
+        "train_moe",
+        experiment=experiment,
+        run_name=run_name or f"train-{tc.preset}",
+        params={**tc.flat_params(), **corpus.summary()},
+        tags=tags,
+    ) as active:
+        run_id = active.info.run_id
+        print(f"MLflow run {run_id} ({tracking.tracking_uri()})", flush=True)
+        ckpt = fit(tc, run_id, corpus, resume_dir, extra)
+        model_dir, metrics = final_report(tc, ckpt, corpus)
+        tracking.log_metrics(metrics)
+        mlflow.log_artifacts(str(model_dir / "model"), "model")
+        if (model_dir / "hf_model").exists():
+            mlflow.log_artifacts(str(model_dir / "hf_model"), "hf_model")
+        for k, v in sorted(metrics.items()):
+            print(f"  {k:32s} {v:.4f}")
+    print(f"model: runs:/{run_id}/model")
+    print(f"browse: mlflow ui --backend-store-uri {tracking.tracking_uri()} --host 127.0.0.1")
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tc = config_from_args(args)
+    run(tc, experiment=args.experiment, run_name=args.run_name, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

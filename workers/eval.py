@@ -1,0 +1,163 @@
+"""One evaluation module for every pipeline.
+
+- ``heldout_nll``: mean next-token NLL over windows (nats and bits per byte), per window
+  values kept so two settings on the same windows can be compared as paired differences.
+- ``continuation_nll``: prefill a context into a cache, optionally transform the cache
+  (compress, quantize), then score the next M tokens through it.
+- ``retrieval_accuracy``: exact match on the generated retrieval task (a continuation of
+  the ``?key=`` prompt) with its binomial standard error.
+
+Shape legend: N examples, L window length, C context length, M continuation length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from workers.data.retrieval import RetrievalEvalSet
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class NLLResult:
+    nats: float  # mean NLL per predicted token
+    se: float  # standard error over examples (windows)
+    n_tokens: int
+    per_example: list[float] = field(default_factory=list)  # mean NLL of each example (nats)
+
+    @property
+    def bpb(self) -> float:
+        """Bits per byte (tokens are bytes)."""
+        return self.nats / LN2
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_nll": self.nats, f"{prefix}_nll_se": self.se, f"{prefix}_bpb": self.bpb}
+
+
+@dataclass
+class AccuracyResult:
+    accuracy: float
+    se: float  # binomial sqrt(p(1-p)/n)
+    n: int
+    per_example: list[int] = field(default_factory=list)  # 1 = exact match
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_acc": self.accuracy, f"{prefix}_acc_se": self.se}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    if n == 1:
+        return m, float("nan")
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of a - b over the same examples."""
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison needs equal lengths, got {len(a)} and {len(b)}")
+    return mean_se([x - y for x, y in zip(a, b)])
+
+
+@torch.no_grad()
+def heldout_nll(model, windows: torch.Tensor, *, batch_size: int = 16, **forward_kwargs) -> NLLResult:
+    """windows [N, L] -> NLL of tokens 1..L-1 given their prefixes (one forward per batch)."""
+    model.eval()
+    per = []
+    for i in range(0, windows.shape[0], batch_size):
+        x = windows[i : i + batch_size]
+        logits = model(x, **forward_kwargs).logits
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")  # [b, L-1]
+        per.extend(nll.mean(1).tolist())
+    m, se = mean_se(per)
+    return NLLResult(m, se, windows.shape[0] * (windows.shape[1] - 1), per)
+
+
+CacheFactory = Callable[[], object]
+AfterPrefill = Callable[[object, torch.Tensor], None]
+
+
+@torch.no_grad()
+def continuation_logits(
+    model,
+    context: torch.Tensor,
+    continuation: torch.Tensor,
+    *,
+    make_cache: CacheFactory,
+    after_prefill: AfterPrefill | None = None,
+    **forward_kwargs,
+) -> torch.Tensor:
+    """Logits for each continuation token, predicted through the (transformed) cache.
+
+    context [N, C], continuation [N, M] -> logits [N, M, V]. The context minus its last token
+    is prefilled into a fresh cache; ``after_prefill(cache, context)`` may compress or quantize
+    it; then ``[context[-1], continuation[:-1]]`` runs through the cache, so every scored
+    token, the first included, sees only what the cache kept.
+    """
+    model.eval()
+    cache = make_cache()
+    model(context[:, :-1], cache=cache, **forward_kwargs)
+    if after_prefill is not None:
+        after_prefill(cache, context)
+    C = context.shape[1]
+    feed = torch.cat([context[:, -1:], continuation[:, :-1]], dim=1)
+    pos = torch.arange(C - 1, C - 1 + feed.shape[1], device=feed.device).expand(feed.shape[0], -1)
+    return model(feed, positions=pos, cache=cache, **forward_kwargs).logits
+
+
+def continuation_nll(
+    model,
+    context: torch.Tensor,
+    continuation: torch.Tensor,
+    *,
+    make_cache: CacheFactory,
+    after_prefill: AfterPrefill | None = None,
+    batch_size: int = 16,
+    **forward_kwargs,
+) -> NLLResult:
+    """Mean NLL of ``continuation`` [N, M] after ``context`` [N, C], per example kept."""
+    per = []
+    for i in range(0, context.shape[0], batch_size):
+        c, y = context[i : i + batch_size], continuation[i : i + batch_size]
+        logits = continuation_logits(model, c, y, make_cache=make_cache, after_prefill=after_prefill, **forward_kwargs)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+        per.extend(nll.mean(1).tolist())
+    m, se = mean_se(per)
+    return NLLResult(m, se, continuation.numel(), per)
+
+
+def retrieval_accuracy(
+    model,
+    data: RetrievalEvalSet,
+    *,
+    make_cache: CacheFactory,
+    after_prefill: AfterPrefill | None = None,
+    batch_size: int = 50,
+    **forward_kwargs,
+) -> AccuracyResult:
+    """Exact match: every value byte right under argmax after the teacher-forced ``?key=``."""
+    hits: list[int] = []
+    for i in range(0, len(data), batch_size):
+        c, y = data.prompt[i : i + batch_size], data.value[i : i + batch_size]
+        logits = continuation_logits(model, c, y, make_cache=make_cache, after_prefill=after_prefill, **forward_kwargs)
+        hits.extend((logits.argmax(-1) == y).all(1).long().tolist())
+    n = len(hits)
+    p = sum(hits) / n
+    return AccuracyResult(p, math.sqrt(max(p * (1 - p), 1e-12) / n), n, hits)
+
+
+def unigram_bpb(train: torch.Tensor, heldout: torch.Tensor, vocab: int = 256) -> float:
+    """Bits per byte of an add-one unigram model fitted on train, scored on held-out."""
+    counts = torch.bincount(train, minlength=vocab).double() + 1
+    logp = (counts / counts.sum()).log()
+    return float(-logp[heldout].mean() / LN2)

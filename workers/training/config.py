@@ -1,0 +1,167 @@
+"""Typed training configuration and named recipes (functions returning a full config)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.model.config import ConfigError, ModelConfig
+from workers.model.presets import get_preset
+
+TASKS = ("text", "retrieval")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
+    steps: int = 60
+    batch_size: int = 8  # per worker
+    seq_len: int = 64
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1  # cosine decay to lr * min_lr_frac
+    warmup_steps: int = 5  # linear lr warm-up
+    dense_warmup_steps: int = 0  # DSA: dense attention (indexer trained by KL) before going sparse
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    indexer_loss_weight: float = 1.0
+    seed: int = 0
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    task: str = "text"  # text | retrieval (curriculum on the retrieval task mixed with text)
+    retrieval_frac: float = 0.75  # stage 2 share of retrieval sequences in a batch
+    curriculum_steps: int = 0  # stage 1 steps on short retrieval sequences
+    curriculum_len: int = 64
+    max_queries: int = 14  # training sequences may carry several queries
+    ep_size: int = 1  # expert-parallel group size (MoE); 1 = plain data parallel
+    zero_stage: int = 0  # DeepSpeed ZeRO stage for dense parameters (0 = off)
+    eval_windows: int = 128
+    log_every: int = 5
+    ckpt_every: int = 50
+    max_failures: int = 2
+    corpus: str = "pydoc"
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        check(self.steps >= 1, "steps", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(
+            2 <= self.seq_len <= self.model.max_seq_len,
+            "seq_len",
+            f"must be in [2, max_seq_len={self.model.max_seq_len}]",
+        )
+        check(self.lr > 0, "lr", "must be > 0")
+        check(0 <= self.min_lr_frac <= 1, "min_lr_frac", "must be in [0, 1]")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.dense_warmup_steps >= 0, "dense_warmup_steps", "must be >= 0")
+        check(self.grad_clip > 0, "grad_clip", "must be > 0")
+        check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        check(self.task in TASKS, "task", f"one of {TASKS}")
+        check(0 <= self.retrieval_frac <= 1, "retrieval_frac", "must be in [0, 1]")
+        check(self.curriculum_steps >= 0, "curriculum_steps", "must be >= 0")
+        check(
+            self.ep_size >= 1 and self.num_workers % self.ep_size == 0,
+            "ep_size",
+            f"must divide num_workers={self.num_workers}",
+        )
+        check(self.ep_size == 1 or self.model.moe is not None, "ep_size", "expert parallelism needs a MoE model")
+        if self.model.moe is not None:
+            check(
+                self.model.moe.n_experts % self.ep_size == 0,
+                "ep_size",
+                f"must divide n_experts={self.model.moe.n_experts}",
+            )
+        check(self.zero_stage in (0, 1, 2), "zero_stage", "one of 0, 1, 2")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1")
+        check(self.max_failures >= 0, "max_failures", "must be >= 0")
+
+    @property
+    def uses_indexer(self) -> bool:
+        return self.model.indexer is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["model"] = ModelConfig.from_dict(d["model"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def flat_params(self) -> dict[str, Any]:
+        out = {f"train.{k}": v for k, v in self.to_dict().items() if k != "model"}
+        out.update(self.model.flat_params())
+        return out
+
+
+def tiny() -> TrainConfig:
+    """Seconds on one CPU: for tests."""
+    return TrainConfig(
+        preset="tiny",
+        model=get_preset("tiny"),
+        steps=60,
+        batch_size=8,
+        seq_len=64,
+        dense_warmup_steps=10,
+        eval_windows=64,
+    )
+
+
+def demo() -> TrainConfig:
+    """The demo DSA-MoE model (a few minutes on 2 cores): dense warm-up, then sparse; k/L = 1/8."""
+    return TrainConfig(
+        preset="demo",
+        model=get_preset("demo"),
+        steps=160,
+        batch_size=8,
+        seq_len=256,
+        dense_warmup_steps=40,
+        lr=3e-3,
+        eval_windows=128,
+        ckpt_every=40,
+    )
+
+
+def dense() -> TrainConfig:
+    """Plain Llama-shaped text model, exported to Hugging Face format after training."""
+    return TrainConfig(
+        preset="dense", model=get_preset("dense"), steps=160, batch_size=8, seq_len=256, eval_windows=128, ckpt_every=40
+    )
+
+
+def retrieval() -> TrainConfig:
+    """The retrieval testbed: a short-sequence curriculum, then full length mixed with text."""
+    return TrainConfig(
+        preset="retrieval",
+        model=get_preset("retrieval"),
+        steps=3800,
+        batch_size=16,
+        seq_len=256,
+        lr=3e-3,
+        warmup_steps=50,
+        task="retrieval",
+        curriculum_steps=3000,
+        curriculum_len=64,
+        retrieval_frac=0.75,
+        eval_windows=64,
+        ckpt_every=500,
+        log_every=25,
+    )
+
+
+RECIPES = {"tiny": tiny, "demo": demo, "dense": dense, "retrieval": retrieval}
+
+
+def recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise ConfigError(f"preset={name!r}: one of {sorted(RECIPES)}")
+    return RECIPES[name]()
