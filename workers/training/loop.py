@@ -59,6 +59,46 @@ def router_stats(model: CalibLM) -> dict[str, float]:
     return out
 
 
+def make_optimizer(model: CalibLM, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (torch's own: no JIT-compiled CPU optimizer), no decay on norms and biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95))
+
+
+def train_step(model, opt, tc: TrainConfig, x: torch.Tensor, step: int):
+    """One optimizer step on batch x [B, L]: LM loss + router aux loss + indexer KL.
+
+    DSA: dense attention for the first ``dense_warmup_steps`` (the indexer learns from the
+    dense distribution), sparse afterwards; the indexer's input is detached inside the model.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr_at(tc, step)
+    attn = "dense" if (not tc.uses_indexer or step < tc.dense_warmup_steps) else "sparse"
+    out = model(x, attn=attn, indexer_loss=tc.uses_indexer)
+    ce = lm_loss(out.logits, x)
+    loss = ce + out.aux_loss + tc.indexer_loss_weight * out.indexer_kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    opt.step()
+    return out, ce, gnorm, attn
+
+
+def train_local(tc: TrainConfig, tokens: torch.Tensor, filler: bytes) -> tuple[CalibLM, list[float]]:
+    """The same steps in one process without Ray (test fixtures, quick experiments)."""
+    torch.manual_seed(tc.seed)
+    model = CalibLM(tc.model)
+    opt = make_optimizer(model, tc)
+    model.train()
+    losses = []
+    for step in range(tc.steps):
+        _, ce, _, _ = train_step(model, opt, tc, train_batch(tc, step, 0, tokens, filler), step)
+        losses.append(ce.item())
+    return model.eval(), losses
+
+
 def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -69,13 +109,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     model = CalibLM(tc.model)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tc.lr,
-        betas=(0.9, 0.95),
-    )
+    opt = make_optimizer(model, tc)
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -103,17 +137,8 @@ def train_loop(config: dict) -> None:
     t_last, tok_since = time.perf_counter(), 0
     model.train()
     for step in range(start, tc.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(tc, step)
         x = train_batch(tc, step, rank, tokens, filler)
-        attn = "dense" if (not tc.uses_indexer or step < tc.dense_warmup_steps) else "sparse"
-        out = model(x, attn=attn, indexer_loss=tc.uses_indexer)
-        ce = lm_loss(out.logits, x)
-        loss = ce + out.aux_loss + tc.indexer_loss_weight * out.indexer_kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        out, ce, gnorm, attn = train_step(model, opt, tc, x, step)
         tok_since += x.numel() * world
         if bar is not None:
             bar.update(1)
