@@ -197,3 +197,4 @@ class ActorPool:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
+        self.actors = []

@@ -1,0 +1,342 @@
+"""IndexCache calibration: greedy F/S layer selection on Ray calibration actors.
+
+    python -m pipelines.indexcache --model runs:/<run_id>/model --retention 0.5 0.25 0.125 --workers 2
+    python -m pipelines.indexcache --model artifacts/demo_model --retention 0.25 --multi-fidelity
+    python -m pipelines.indexcache --model artifacts/demo_model --retention 0.25 --naive   # no prefix reuse
+    python -m pipelines.indexcache --resume <run_id>                  # continue a stopped search
+    python -m pipelines.indexcache --model ... --retention 0.25 --distill-steps 100
+    ray job submit --working-dir . -- python -m pipelines.indexcache --model runs:/<run_id>/model
+
+One greedy run serves every requested retention (the trace passes through each number of F
+layers). The search state is saved to MLflow (search/state.json) after every step. Reports:
+per retention the calibration and held-out NLL of the searched pattern, the uniform
+interleave and all-F (paired over held-out windows, with standard errors), the indexer
+work removed, the per-step trace, the top-k overlap matrix (table + heatmap) and
+indexcache.json with the patterns for serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import mlflow
+import ray
+import torch
+
+from tuning.indexcache_cost import analytic_units, naive_units
+from tuning.indexcache_fidelity import EXACT, FidelityConfig
+from tuning.indexcache_search import SearchState, StepRecord, check_compatible, greedy_search, trace_rows
+from workers import tracking
+from workers.data.corpus import SplitConfig, load_corpus
+from workers.indexcache_actor import ActorPool
+from workers.indexcache_report import log_rows
+from workers.model import checkpoint
+
+log = logging.getLogger("pipelines.indexcache")
+STATE_ARTIFACT = "search/state.json"
+CONFIG_ARTIFACT = "search/config.json"
+
+
+class SearchStopped(RuntimeError):
+    """The search stopped before its last step (--max-steps); resume it with --resume."""
+
+
+@dataclass(frozen=True)
+class IndexCacheConfig:
+    """Everything a search depends on; validated before any work starts."""
+
+    model: str
+    retentions: tuple[float, ...] = (0.5, 0.25, 0.125)
+    workers: int = 2
+    naive: bool = False
+    multi_fidelity: bool = False
+    fidelity_rungs: tuple[float, ...] = (0.25, 1.0)
+    fidelity_eta: float = 4.0
+    corpus: str = "pydoc"
+    split_seed: int = 0
+    seq_len: int = 0  # 0: the model's max_seq_len
+    calib_windows: int = 32
+    heldout_windows: int = 128
+    batch_size: int = 8
+    distill_steps: int = 0
+    distill_lr: float = 1e-3
+    distill_batch: int = 8
+    worker_cpus: float = 1.0
+    threads: int = 1
+    max_steps: int = 0  # 0: run to the end; else stop (resumably) after this many steps
+    overlap: bool = True
+    experiment: str = "calibray"
+    tags: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from tuning.indexcache_patterns import validate_retention
+
+        object.__setattr__(self, "retentions", tuple(float(r) for r in self.retentions))
+        object.__setattr__(self, "fidelity_rungs", tuple(float(r) for r in self.fidelity_rungs))
+        if not self.retentions:
+            raise ValueError("--retention needs at least one value")
+        for r in self.retentions:
+            validate_retention(r)
+        self.fidelity()  # validates rungs / eta
+        checks = {
+            "workers": self.workers >= 1,
+            "calib_windows": self.calib_windows >= self.workers,
+            "heldout_windows": self.heldout_windows >= 2,
+            "batch_size": self.batch_size >= 1,
+            "seq_len": self.seq_len >= 0,
+            "distill_steps": self.distill_steps >= 0,
+            "distill_lr": self.distill_lr > 0,
+            "distill_batch": self.distill_batch >= 1,
+            "worker_cpus": self.worker_cpus > 0,
+            "threads": self.threads >= 1,
+            "max_steps": self.max_steps >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid (calib_windows must be >= workers)")
+        if self.naive and self.multi_fidelity:
+            raise ValueError("--naive and --multi-fidelity are exclusive (naive is the exact reference)")
+
+    @property
+    def mode(self) -> str:
+        return "naive" if self.naive else "prefix"
+
+    def fidelity(self) -> FidelityConfig:
+        if not self.multi_fidelity:
+            return EXACT
+        return FidelityConfig(rungs=self.fidelity_rungs, eta=self.fidelity_eta)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, **overrides) -> IndexCacheConfig:
+        d = json.loads(text)
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**d)
+
+
+@dataclass
+class Data:
+    calib: torch.Tensor  # [Rc, T + 1]
+    heldout: torch.Tensor  # [Rh, T + 1]
+    train: torch.Tensor  # [Rt, T + 1] (distillation only)
+    summary: dict
+
+
+def load_data(cfg: IndexCacheConfig, seq_len: int) -> Data:
+    """Disjoint calibration / held-out / train windows of seq_len + 1 bytes (inputs + next token)."""
+    corpus = load_corpus(cfg.corpus, SplitConfig(seed=cfg.split_seed))
+    calib = corpus.eval_windows("calib", seq_len + 1, cfg.calib_windows)
+    heldout = corpus.eval_windows("heldout", seq_len + 1, cfg.heldout_windows)
+    if calib.shape[0] < cfg.calib_windows:
+        raise ValueError(f"calib_windows={cfg.calib_windows}: the calib split holds only {calib.shape[0]}")
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    train = corpus.sample_windows("train", seq_len + 1, max(64, 4 * cfg.distill_batch), g)
+    summary = {**corpus.summary(), "calib_windows": calib.shape[0], "heldout_windows": heldout.shape[0]}
+    return Data(calib, heldout, train, summary)
+
+
+def load_model(address: str):
+    model = checkpoint.load(address)
+    if model.cfg.indexer is None:
+        raise ValueError(f"model={address!r} has no lightning indexer: IndexCache needs a DSA model")
+    if model.cfg.n_layers < 2:
+        raise ValueError(f"model={address!r} has {model.cfg.n_layers} layer(s): nothing to search")
+    return model
+
+
+def resume_config(run_id: str, **overrides) -> tuple[IndexCacheConfig, SearchState]:
+    """The stopped run's config (with runtime overrides) and its last saved search state."""
+    client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise ValueError(f"--resume {run_id!r}: no such MLflow run ({e})") from e
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            cfg_path = client.download_artifacts(run_id, CONFIG_ARTIFACT, d)
+            state_path = client.download_artifacts(run_id, STATE_ARTIFACT, d)
+        except Exception as e:  # mlflow raises several types for a missing artifact
+            raise ValueError(f"--resume {run_id!r}: the run has no saved search state ({e})") from e
+        with open(cfg_path) as f:
+            cfg = IndexCacheConfig.from_json(f.read(), **overrides)
+        with open(state_path) as f:
+            state = SearchState.loads(f.read())
+    return cfg, state
+
+
+def run(
+    cfg: IndexCacheConfig,
+    *,
+    resume: str | None = None,
+    state: SearchState | None = None,
+    on_step: Callable[[SearchState, StepRecord, ActorPool], None] | None = None,
+) -> dict:
+    """Run (or resume) a search and its reports in one MLflow run; returns the summary."""
+    from workers.indexcache_report import report
+
+    model = load_model(cfg.model)
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    data = load_data(cfg, seq_len)
+    n = model.cfg.n_layers
+    if state is not None:
+        check_compatible(state, n, cfg.retentions, cfg.mode)
+    else:
+        state = SearchState(n, cfg.retentions, mode=cfg.mode, fidelity=cfg.fidelity())
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
+    params = {**{k: v for k, v in asdict(cfg).items() if k != "tags"}, "n_layers": n, "seq_len_resolved": seq_len}
+    params.update({"topk": model.cfg.indexer.topk, **data.summary})
+    with tracking.start_run(
+        "indexcache",
+        experiment=cfg.experiment,
+        run_id=resume,
+        params=params,
+        tags={"corpus_sha256": data.summary["corpus_sha256"], **cfg.tags},
+    ) as active:
+        run_id = active.info.run_id
+        mlflow.log_text(cfg.to_json(), CONFIG_ARTIFACT)
+        pool = ActorPool(
+            model,
+            data.calib,
+            cfg.workers,
+            batch_size=cfg.batch_size,
+            mode=cfg.mode,
+            num_cpus=cfg.worker_cpus,
+            threads=cfg.threads,
+        )
+        started, steps_before = time.perf_counter(), len(state.steps)
+
+        def step_done(st: SearchState, rec: StepRecord) -> None:
+            tracking.log_metrics(
+                {
+                    "search/loss": rec.loss,
+                    "search/gap": rec.gap if rec.gap is not None else 0.0,
+                    "search/committed_layer": rec.committed,
+                    "search/n_full": rec.pattern.count("F"),
+                    "search/layer_forwards": st.total_units() / pool.total_rows(),
+                },
+                step=rec.step,
+            )
+            mlflow.log_text(st.dumps(), STATE_ARTIFACT)
+            if on_step is not None:
+                on_step(st, rec, pool)
+
+        try:
+            greedy_search(state, pool, on_step=step_done, max_steps=cfg.max_steps or None)
+            search_s = time.perf_counter() - started
+            if not state.done:
+                mlflow.set_tag("stopped", f"after step {len(state.steps)} of {state.n_steps}")
+                raise SearchStopped(f"stopped after {len(state.steps)} of {state.n_steps} steps; --resume {run_id}")
+            cost = {
+                "search/wall_s": search_s,
+                "search/steps_this_run": len(state.steps) - steps_before,
+                "search/total_layer_forwards": state.total_units() / pool.total_rows(),
+                "search/naive_layer_forwards": naive_units(n, state.n_steps, 1),
+                "search/analytic_layer_forwards": analytic_units(state, pool.rows, pool.total_rows())
+                / pool.total_rows(),
+                "search/actor_replacements": pool.replacements,
+            }
+            cost["search/cost_ratio_vs_naive"] = (
+                cost["search/total_layer_forwards"] / cost["search/naive_layer_forwards"]
+            )
+            tracking.log_metrics(cost)
+            log_rows(trace_rows(state), "indexcache/trace.json")
+            summary = report(cfg, model, data, state, pool)
+            summary.update({"run_id": run_id, "cost": cost, "pattern": state.pattern})
+            return summary
+        finally:
+            pool.shutdown()
+
+
+def _run_cli(cfg: IndexCacheConfig, **kw) -> dict:
+    try:
+        return run(cfg, **kw)
+    except SearchStopped as e:
+        raise SystemExit(f"indexcache: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="runs:/<run_id>/model or a checkpoint directory (a DSA model)")
+    p.add_argument(
+        "--retention",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.25, 0.125],
+        help="fractions of layers that keep their indexer; one search serves all",
+    )
+    p.add_argument("--workers", type=int, default=None, help="calibration actors (one shard each; default 2)")
+    p.add_argument("--naive", action="store_true", help="recompute every layer per candidate (reference mode)")
+    p.add_argument("--multi-fidelity", action="store_true", help="successive halving over calibration slices")
+    p.add_argument(
+        "--fidelity-rungs",
+        type=float,
+        nargs="+",
+        default=[0.25, 1.0],
+        help="calibration fractions per rung (increasing, last 1.0)",
+    )
+    p.add_argument("--fidelity-eta", type=float, default=4.0, help="keep ceil(n/eta) candidates per rung")
+    p.add_argument("--corpus", default="pydoc", help="'pydoc' or a .txt/.jsonl/.parquet path")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/calib/held-out split")
+    p.add_argument("--seq-len", type=int, default=0, help="window length (0: the model's max_seq_len)")
+    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (fixed for all candidates)")
+    p.add_argument("--heldout-windows", type=int, default=128, help="held-out windows for the reports")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward inside an actor")
+    p.add_argument("--distill-steps", type=int, default=0, help="training-aware variant: steps per pattern (0: off)")
+    p.add_argument("--distill-lr", type=float, default=1e-3, help="Adam learning rate of the retained indexers")
+    p.add_argument("--distill-batch", type=int, default=8, help="train windows per distillation step")
+    p.add_argument("--worker-cpus", type=float, default=None, help="Ray CPUs per actor (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per actor (default 1)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many greedy steps (resumable)")
+    p.add_argument("--no-overlap", action="store_true", help="skip the top-k overlap matrix")
+    p.add_argument("--experiment", default="calibray", help="MLflow experiment name")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue the stopped search of this MLflow run")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    runtime = {"workers": a.workers, "worker_cpus": a.worker_cpus, "threads": a.threads, "max_steps": a.max_steps}
+    if a.resume:
+        cfg, state = resume_config(a.resume, **runtime)
+        tracking.mark_failed_if_running(a.resume)
+        summary = _run_cli(cfg, resume=a.resume, state=state)
+    else:
+        if not a.model:
+            p.error("--model is required unless --resume is given")
+        cfg = IndexCacheConfig(
+            model=a.model,
+            retentions=tuple(a.retention),
+            naive=a.naive,
+            multi_fidelity=a.multi_fidelity,
+            fidelity_rungs=tuple(a.fidelity_rungs),
+            fidelity_eta=a.fidelity_eta,
+            corpus=a.corpus,
+            split_seed=a.split_seed,
+            seq_len=a.seq_len,
+            calib_windows=a.calib_windows,
+            heldout_windows=a.heldout_windows,
+            batch_size=a.batch_size,
+            distill_steps=a.distill_steps,
+            distill_lr=a.distill_lr,
+            distill_batch=a.distill_batch,
+            overlap=not a.no_overlap,
+            experiment=a.experiment,
+            **{k: v for k, v in runtime.items() if v is not None},
+        )
+        checkpoint.resolve(cfg.model)  # a missing checkpoint fails here, before Ray starts
+        summary = _run_cli(cfg)
+    print(json.dumps({k: summary[k] for k in ("run_id", "pattern", "cost", "retentions")}, indent=1, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
