@@ -1,0 +1,85 @@
+"""The cache-compression methods PrefixKV is compared with, as cache factories for workers.eval.
+
+    m = Method("prefixkv", ratio=0.2, score=ScoreConfig("window", window=16), calibrated=cfg)
+    continuation_nll(model, ctx, cont, make_cache=m.make_cache, observer=m.observer)
+
+| name     | per-layer budget                                  | token score        |
+| -------- | ------------------------------------------------- | ------------------ |
+| full     | everything (DynamicCache)                          | -                  |
+| prefixkv | calibrated fractions f_l(r) (prefixkv.json)        | `score`            |
+| uniform  | r in every layer (SnapKV/H2O-style)                | `score`            |
+| pyramid  | fixed linear PyramidKV schedule, mean r            | `score`            |
+| recency  | r in every layer                                   | position (newest)  |
+| random   | r in every layer                                   | seeded random      |
+
+Every method spends the same number of tokens at the same ratio (tuning.prefixkv_plan), sinks
+and the newest token included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from tuning.prefixkv import validate_ratio
+from tuning.prefixkv_plan import schedule_fractions
+from workers.model.cache import DynamicCache
+
+from .cache import EvictingCache
+from .scoring import ScoreConfig
+
+METHODS = ("full", "prefixkv", "uniform", "pyramid", "recency", "random")
+
+
+@dataclass
+class Method:
+    """A named compression method at one keep ratio; `make_cache` builds a fresh cache per batch
+    and `observer` forwards the model's observer calls to the cache built last."""
+
+    name: str
+    ratio: float = 1.0
+    n_layers: int = 0
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    n_sink: int = 4
+    calibrated: dict | None = None  # {ratio: [L] fractions} for "prefixkv"
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"method {self.name!r} is not one of {METHODS}")
+        self.ratio = validate_ratio(self.ratio)
+        if not isinstance(self.n_layers, int) or self.n_layers < 1:
+            raise ValueError(f"method {self.name!r} needs n_layers >= 1, got {self.n_layers!r}")
+        if self.name == "recency":
+            self.score = replace(self.score, mode="recency")
+        elif self.name == "random":
+            self.score = replace(self.score, mode="random")
+        elif self.name != "full" and not self.score.uses_attention:
+            raise ValueError(f"method {self.name!r} needs an attention score ('sum' or 'window')")
+        self.fractions = None if self.name == "full" else self._fractions()
+        self.cache = None
+
+    def _fractions(self) -> np.ndarray:
+        schedule = self.name if self.name in ("prefixkv", "pyramid") else "uniform"
+        return schedule_fractions(schedule, self.ratio, self.n_layers, self.calibrated)
+
+    @property
+    def label(self) -> str:
+        if self.name in ("full", "recency", "random"):
+            return self.name
+        return f"{self.name}-{self.score.mode}"
+
+    def make_cache(self):
+        if self.name == "full":
+            self.cache = DynamicCache(self.n_layers)
+        else:
+            self.cache = EvictingCache(self.n_layers, self.fractions, self.ratio, self.n_sink, self.score)
+        return self.cache
+
+    def observer(self, layer, q, k, q_pos, k_pos) -> None:
+        if isinstance(self.cache, EvictingCache):
+            self.cache.observe(layer, q, k, q_pos, k_pos)
+
+    def forward_kwargs(self) -> dict:
+        """Keyword arguments for workers.eval functions: the cache factory and the observer."""
+        return {"make_cache": self.make_cache, "observer": self.observer}
