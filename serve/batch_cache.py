@@ -29,12 +29,14 @@ class BatchCache:
         if not caches:
             raise ValueError("BatchCache needs at least one cache")
         self.caches = caches
+        self._lengths: dict[int, list[int]] = {}  # per layer: each row's own S in the last view
 
     def update(self, layer, k, v, pos, idx_k=None) -> KVView:
         views = [
             c.update(layer, k[b : b + 1], v[b : b + 1], pos[b : b + 1], None if idx_k is None else idx_k[b : b + 1])
             for b, c in enumerate(self.caches)
         ]
+        self._lengths[layer] = [view.k.shape[1] for view in views]
         if len(views) == 1:
             return views[0]
         S = max(view.k.shape[1] for view in views)
@@ -45,6 +47,11 @@ class BatchCache:
             torch.cat([_pad(view.pos, S, -1) for view in views], 0),
             torch.cat([_pad(view.idx_k, S, 0.0) for view in views], 0) if has_idx else None,
         )
+
+    def observe(self, layer, q, k, q_pos, k_pos) -> None:
+        """Observer hook: hand each row (its keys without padding) to its own cache's observe."""
+        for b, (c, n) in enumerate(zip(self.caches, self._lengths[layer])):
+            c.observe(layer, q[b : b + 1], k[b : b + 1, :n], q_pos[b : b + 1], k_pos[b : b + 1, :n])
 
     def length(self, layer: int) -> int:
         return max(c.length(layer) for c in self.caches)

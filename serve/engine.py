@@ -185,9 +185,6 @@ class Engine:
         ids = torch.tensor([seq.req.prompt_ids], dtype=torch.long, device=self.device)
         pos = torch.arange(ids.shape[1], device=self.device)[None]
         logits = self._forward(ids, pos, seq.cache)
-        end_prefill = getattr(seq.cache, "end_prefill", None)
-        if end_prefill is not None:
-            end_prefill()  # evicting / quantizing caches compress the prompt here
         seq.next_pos = ids.shape[1]
         return [self._sample(seq, logits[0, -1])]
 
@@ -204,7 +201,9 @@ class Engine:
         return [self._sample(s, logits[b, -1]) for b, s in enumerate(seqs)]
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        observer = getattr(cache, "observe", None)
+        # Caches that score keys (eviction) watch attention through the model's observer hook.
+        inner = cache.caches[0] if isinstance(cache, BatchCache) else cache
+        observer = cache.observe if hasattr(inner, "observe") else None
         out = self.model(ids, positions=pos, cache=cache, pattern=self.pattern, observer=observer)
         return out.logits if hasattr(out, "logits") else out
 
