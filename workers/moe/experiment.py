@@ -1,0 +1,186 @@
+"""One arm of the balancing experiment: train a small MoE LM with one routing strategy.
+
+Every arm with the same seed starts from the same weights and sees the same batches (the
+router strategy is the only difference). Per optimizer step it records the train loss, each
+layer's load [E] and MaxVio, and the router time; at the end held-out perplexity and the
+held-out global MaxVio, both under eval-mode (causal) routing: BIP with its q frozen at the
+last training value, loss-free with its bias.
+
+Shape legend: B sequences, T tokens, E experts, L MoE layers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from workers.data.corpus import load_corpus
+from workers.eval import heldout_nll
+from workers.model.config import ConfigError, ModelConfig, MoEConfig, RouterConfig
+from workers.model.transformer import CalibLM, lm_loss
+
+from .balancing import max_vio
+from .distributed import balancing_step, moe_layers, take_router_time
+from .metrics import MaxVioTracker, straggler_ratio
+
+# arm name -> router settings (anything not named keeps the RouterConfig default)
+ARMS: dict[str, dict] = {
+    "none": {"strategy": "none"},
+    "aux_loss_0.01": {"strategy": "aux_loss", "alpha": 0.01},
+    "aux_loss_0.1": {"strategy": "aux_loss", "alpha": 0.1},
+    "loss_free": {"strategy": "loss_free", "bias_rate": 1e-3},
+    "bip_pre_t4": {"strategy": "bip", "bip_mode": "pre", "bip_iters": 4},
+    "bip_pre_t8": {"strategy": "bip", "bip_mode": "pre", "bip_iters": 8},
+    "bip_causal_t4": {"strategy": "bip", "bip_mode": "causal", "bip_iters": 4},
+}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Model and schedule shared by all arms (validated at construction)."""
+
+    n_layers: int = 4
+    d_model: int = 64
+    n_heads: int = 4
+    n_experts: int = 16
+    top_k: int = 2
+    expert_hidden: int = 64
+    score_fn: str = "softmax"
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    eval_windows: int = 64
+    straggler_ep: int = 4  # expert-parallel size assumed for the straggler proxy
+    corpus: str = "pydoc"
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "steps", "batch_size", "eval_windows", "straggler_ep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len={self.seq_len!r}: must be >= 2")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr!r}: must be > 0")
+        if self.n_experts % self.straggler_ep:
+            raise ConfigError(f"straggler_ep={self.straggler_ep!r}: must divide n_experts={self.n_experts}")
+        self.model_config("none")  # model fields are checked by ModelConfig itself
+
+    def model_config(self, arm: str) -> ModelConfig:
+        if arm not in ARMS:
+            raise ConfigError(f"arm={arm!r}: one of {sorted(ARMS)}")
+        router = RouterConfig(score_fn=self.score_fn, **ARMS[arm])
+        moe = MoEConfig(
+            n_experts=self.n_experts,
+            top_k=self.top_k,
+            expert_hidden=self.expert_hidden,
+            shared_expert=False,
+            router=router,
+        )
+        return ModelConfig(
+            n_layers=self.n_layers,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_heads,
+            ffn_hidden=4 * self.d_model,
+            max_seq_len=self.seq_len,
+            moe=moe,
+        )
+
+    def replace(self, **changes) -> ExperimentConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(cfg: ExperimentConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def batch(tokens: torch.Tensor, cfg: ExperimentConfig, seed: int, step: int) -> torch.Tensor:
+    """The batch [B, T] of one step: a pure function of (seed, step), shared by all arms."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, tokens.numel() - cfg.seq_len, (cfg.batch_size,), generator=g)
+    return torch.stack([tokens[s : s + cfg.seq_len] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def heldout_global_maxvio(model: CalibLM, windows: torch.Tensor, batch_size: int = 16) -> list[float]:
+    """Eval-mode (causal) routing of every held-out window; per layer MaxVio of the summed load."""
+    model.eval()
+    totals = None
+    for i in range(0, windows.shape[0], batch_size):
+        model(windows[i : i + batch_size], attn="dense")
+        loads = [layer.last_routing.load.float() for _, layer in moe_layers(model)]
+        totals = loads if totals is None else [a + b for a, b in zip(totals, loads)]
+    return [float(max_vio(t)) for t in totals]
+
+
+def train_arm(cfg: ExperimentConfig, arm: str, seed: int, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train one arm; returns {"series": per-step lists, "summary": scalars, "loads": last loads}.
+
+    series: train_loss [S], maxvio [S] (mean over layers), maxvio_layer{l} [S], router_ms [S].
+    """
+    torch.manual_seed(seed)  # same initial weights for every arm of this seed
+    model = CalibLM(cfg.model_config(arm)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    corpus = load_corpus(cfg.corpus)
+    tokens = corpus.tokens("train")
+    tracker = MaxVioTracker()
+    series: dict[str, list[float]] = {"train_loss": [], "maxvio": [], "router_ms": [], "straggler": []}
+    train_time, n_tokens = 0.0, 0
+    take_router_time(model)
+    for step in range(cfg.steps):
+        x = batch(tokens, cfg, seed, step)
+        start = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        out = model(x, attn="dense")
+        ce = lm_loss(out.logits, x)
+        opt.zero_grad(set_to_none=True)
+        (ce + out.aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        loads = balancing_step(model)
+        train_time += time.perf_counter() - start
+        n_tokens += x.numel()
+        vios = tracker.add_step(loads)
+        row = {
+            "train_loss": float(ce.detach()),
+            "maxvio": sum(vios) / len(vios),
+            "router_ms": 1e3 * take_router_time(model),
+            "straggler": sum(straggler_ratio(ld, cfg.straggler_ep) for ld in loads) / len(loads),
+            **{f"maxvio_layer{i}": v for i, v in enumerate(vios)},
+        }
+        for k, v in row.items():
+            series.setdefault(k, []).append(v)
+        if on_step is not None:
+            on_step(step + 1, row)
+    windows = corpus.eval_windows("heldout", cfg.seq_len, cfg.eval_windows)
+    nll = heldout_nll(model, windows, attn="dense")
+    global_vio = heldout_global_maxvio(model, windows)
+    summary = {
+        **tracker.summary(),
+        "heldout_nll": nll.nats,
+        "heldout_nll_se": nll.se,
+        "heldout_ppl": math.exp(nll.nats),
+        "heldout_bpb": nll.bpb,
+        "heldout_global_maxvio": sum(global_vio) / len(global_vio),
+        "heldout_global_maxvio_sup": max(global_vio),
+        "final_train_loss": sum(series["train_loss"][-10:]) / len(series["train_loss"][-10:]),
+        "tokens_per_s": n_tokens / train_time,
+        "router_ms_per_step": sum(series["router_ms"]) / len(series["router_ms"]),
+        "straggler_ratio": sum(series["straggler"]) / len(series["straggler"]),
+    }
+    return {"series": series, "summary": summary, "corpus_sha256": corpus.sha256}
