@@ -1,0 +1,252 @@
+"""PrefixKV: calibrate per-layer KV keep fractions by binary search, then evaluate eviction.
+
+    python -m pipelines.prefixkv --model runs:/<run_id>/model --samples 32 --workers 2
+    python -m pipelines.prefixkv --model hf:/path/to/llama --samples 32 --data text
+    python -m pipelines.prefixkv --model <retrieval ckpt> --data retrieval --samples 64 --eval-samples 200
+    ray job submit --working-dir . -- python -m pipelines.prefixkv --model runs:/<id>/model --samples 64
+
+1. Calibration samples (the corpus's calib split) are spread over Ray actors that each load the
+   model once; each sample's prefill gives per-layer importance curves, and every ratio on the
+   grid 0.05..0.95 is solved by bisection (checked against the k-th-value solution).
+2. The driver reduces the per-sample fractions in sample order (mean, bootstrap SE) and logs
+   prefixkv.json, the curves and per-layer budget plots to MLflow. Finished samples are logged as
+   they arrive; `--resume <run_id>` skips them.
+3. Evaluation on held-out data, same tokens for every method: continuation NLL (text) or exact
+   match (retrieval) for PrefixKV, uniform, pyramid (each with every --scores scoring), recency,
+   random and the full cache, at --eval-ratios; paired differences with standard errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import ray
+import torch
+
+from pipelines.prefixkv_setup import RunConfig, calibration_data, eval_data, validate_model
+from tuning.prefixkv import RATIO_GRID
+from workers import tracking
+from workers.prefixkv.actor import PrefixKVActor
+from workers.prefixkv.calibrate import reduce_samples
+from workers.prefixkv.calibration_file import FILE_NAME, save_calibration
+from workers.prefixkv.evaluate import method_grid
+from workers.prefixkv.report import budgets_figure, curves_figure, markdown_table, summarize
+from workers.prefixkv.scoring import ScoreConfig
+from workers.ray_utils import init_ray
+
+SAMPLES_FILE = "calibration/samples.jsonl"
+
+
+def parse_args(argv=None) -> RunConfig:
+    p = argparse.ArgumentParser(prog="python -m pipelines.prefixkv", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="runs:/<run_id>/model, a checkpoint directory, or hf:<dir>")
+    p.add_argument("--samples", type=int, default=32, help="calibration samples (prefills)")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors, each loads the model once")
+    p.add_argument("--data", choices=("text", "retrieval"), default="text", help="calibration/eval data")
+    p.add_argument("--corpus", default="pydoc", help="corpus: 'pydoc' or a .txt/.jsonl/.parquet path")
+    p.add_argument("--context", type=int, default=192, help="prompt tokens per sample")
+    p.add_argument("--continuation", type=int, default=64, help="scored tokens after the context (text)")
+    p.add_argument("--scores", default="sum,window", help="token scorings to calibrate and evaluate")
+    p.add_argument("--window", type=int, default=16, help="observation window of the 'window' scoring")
+    p.add_argument("--n-sink", type=int, default=4, help="sink tokens always kept (plus the last token)")
+    p.add_argument("--max-steps", type=int, default=64, help="bisection step bound")
+    p.add_argument("--eval-ratios", default="0.1,0.2,0.5", help="keep ratios evaluated")
+    p.add_argument("--eval-samples", type=int, default=64, help="held-out examples (0 = calibrate only)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of calibration samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of sample selection and bootstrap")
+    p.add_argument("--device", default="cpu", help="torch device of the actors (cpu, cuda)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per actor (fractions ok)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray GPUs per actor")
+    p.add_argument("--experiment", default="prefixkv", help="MLflow experiment name")
+    p.add_argument("--run-name", default=None, help="MLflow run name")
+    p.add_argument("--resume", default=None, help="run id of an interrupted run: skip its finished samples")
+    a = p.parse_args(argv)
+    return RunConfig(
+        model=a.model,
+        samples=a.samples,
+        workers=a.workers,
+        data=a.data,
+        corpus=a.corpus,
+        context=a.context,
+        continuation=a.continuation,
+        scores=tuple(s.strip() for s in a.scores.split(",") if s.strip()),
+        window=a.window,
+        n_sink=a.n_sink,
+        max_steps=a.max_steps,
+        eval_ratios=tuple(float(r) for r in a.eval_ratios.split(",") if r.strip()),
+        eval_samples=a.eval_samples,
+        batch_size=a.batch_size,
+        bootstrap=a.bootstrap,
+        seed=a.seed,
+        device=a.device,
+        cpus_per_worker=a.cpus_per_worker,
+        gpus_per_worker=a.gpus_per_worker,
+        experiment=a.experiment,
+        run_name=a.run_name,
+        resume=a.resume,
+    )
+
+
+def _done_samples(run_id: str) -> dict[int, dict]:
+    """Per-sample results an interrupted run already logged."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SAMPLES_FILE)
+    except Exception:  # no artifact yet: nothing finished
+        return {}
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        out[int(rec["index"])] = rec["result"]
+    return out
+
+
+def calibrate(cfg: RunConfig, actors, tokens: torch.Tensor, workdir: Path) -> dict[int, dict]:
+    """Spread sample batches over the actors; log every finished batch; return {index: result}."""
+    results = _done_samples(cfg.resume) if cfg.resume else {}
+    todo = [i for i in range(tokens.shape[0]) if i not in results]
+    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    scores = [ScoreConfig(s, window=cfg.window) for s in cfg.scores]
+    log = workdir / Path(SAMPLES_FILE).name
+    log.write_text("".join(json.dumps({"index": k, "result": v}) + "\n" for k, v in sorted(results.items())))
+    pending = {}
+    for n, batch in enumerate(batches):
+        actor = actors[n % len(actors)]
+        ref = actor.calibrate.remote(batch, tokens[batch], scores, cfg.n_sink, RATIO_GRID, cfg.max_steps)
+        pending[ref] = batch
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        out = ray.get(ready[0])
+        pending.pop(ready[0])
+        with log.open("a") as f:
+            for k in sorted(out):
+                f.write(json.dumps({"index": int(k), "result": out[k]}) + "\n")
+        results.update(out)
+        mlflow.log_artifact(str(log), artifact_path=str(Path(SAMPLES_FILE).parent))
+        tracking.log_metrics({"samples_done": len(results)}, step=len(results))
+    return results
+
+
+def write_calibration(cfg: RunConfig, results: dict[int, dict], n_layers: int, workdir: Path) -> dict:
+    data = {
+        "version": 1,
+        "model": cfg.model,
+        "n_layers": n_layers,
+        "n_sink": cfg.n_sink,
+        "context": cfg.context,
+        "samples": len(results),
+        "data": cfg.data,
+        "ratios": list(RATIO_GRID),
+        "default_score": cfg.scores[0],
+        "window": cfg.window,
+        "scores": {},
+    }
+    for mode in cfg.scores:
+        red = reduce_samples(results, mode, cfg.bootstrap, cfg.seed)
+        data["scores"][mode] = {
+            k: np.asarray(red[k]).round(6).tolist() for k in ("fractions", "bootstrap_se", "sample_sd")
+        }
+        metrics = {f"{mode}_max_bisect_steps": red["max_steps_taken"], f"{mode}_kth_agrees": float(red["kth_agrees"])}
+        for j, r in enumerate(RATIO_GRID):
+            fr, se = red["fractions"][j], red["bootstrap_se"][j]
+            metrics[f"{mode}_r{r:g}_frac_min"] = float(fr.min())
+            metrics[f"{mode}_r{r:g}_frac_max"] = float(fr.max())
+            metrics[f"{mode}_r{r:g}_boot_se_max"] = float(np.nanmax(se)) if np.isfinite(se).any() else float("nan")
+        tracking.log_metrics(metrics)
+        for layer in range(n_layers):
+            mlflow.log_metrics(
+                {f"{mode}_r0.2_frac_layer": float(red["fractions"][RATIO_GRID.index(0.2)][layer])}, step=layer
+            )
+        name = cfg.run_name or "prefixkv"
+        mlflow.log_figure(curves_figure(red["curves"], f"{name}: {mode} importance curves"), f"plots/curves_{mode}.png")
+        fig = budgets_figure(RATIO_GRID, red["fractions"], red["bootstrap_se"], cfg.eval_ratios, f"{name}: {mode}")
+        mlflow.log_figure(fig, f"plots/budgets_{mode}.png")
+        mlflow.log_dict({"curves": red["curves"].round(6).tolist()}, f"calibration/curves_{mode}.json")
+    path = save_calibration(data, workdir / FILE_NAME)
+    mlflow.log_artifact(str(path))
+    return data
+
+
+def evaluate(cfg: RunConfig, actors, data, calibrated: dict, workdir: Path) -> dict:
+    """Shard the held-out examples over the actors; reassemble per-example results in order."""
+    specs = method_grid(cfg.eval_ratios, cfg.scores)
+    kw = dict(n_sink=cfg.n_sink, window=cfg.window, calibrated=calibrated, batch_size=cfg.batch_size)
+    first = data[0]
+    n = first.shape[0]
+    step = -(-n // len(actors))
+    call = "nll" if cfg.data == "text" else "retrieval"
+    refs = [
+        getattr(actors[i], call).remote(s, data[0][s : s + step], data[1][s : s + step], specs, **kw)
+        for i, s in enumerate(range(0, n, step))
+    ]
+    parts = sorted(ray.get(refs), key=lambda x: x[0])
+    per = {s.key: [v for _, part in parts for v in part[s.key]] for s in specs}
+
+    def baseline(key: str):
+        name, ratio = key.split("@")
+        if name.startswith("prefixkv-"):
+            return f"uniform-{name.split('-', 1)[1]}@{ratio}"
+        return None if name == "full" else "full@1"
+
+    rows = summarize(per, baseline)
+    metric = "nll" if cfg.data == "text" else "acc"
+
+    def name(key: str) -> str:  # MLflow metric names may not contain "@"
+        return key.replace("@", "_r")
+
+    out = {}
+    for r in rows:
+        out[f"{metric}_{name(r['key'])}"] = r["mean"]
+        out[f"{metric}_se_{name(r['key'])}"] = r["se"]
+        if "diff" in r:
+            out[f"{metric}_diff_{name(r['key'])}"] = r["diff"]
+            out[f"{metric}_diff_se_{name(r['key'])}"] = r["diff_se"]
+    tracking.log_metrics({k: v for k, v in out.items() if v == v})  # NaN (one example) is not logged
+    table = markdown_table(rows, "NLL (nats)" if metric == "nll" else "exact match")
+    mlflow.log_text(table, "eval/results.md")
+    mlflow.log_dict({"rows": rows, "per_example": per}, "eval/eval.json")
+    print(table)
+    return {"rows": rows, "per_example": per}
+
+
+def main(argv=None) -> str:
+    cfg = parse_args(argv)
+    n_layers = validate_model(cfg)  # errors name the bad value before any work starts
+    calib_tokens, corpus_sha = calibration_data(cfg)
+    held = eval_data(cfg) if cfg.eval_samples else None
+    tags = {"corpus_sha256": corpus_sha, "model": cfg.model}
+    with (
+        tracking.start_run(
+            "prefixkv",
+            experiment=cfg.experiment,
+            run_name=cfg.run_name,
+            params=cfg.params(),
+            tags=tags,
+            run_id=cfg.resume,
+        ) as run,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        workdir = Path(tmp)
+        init_ray()
+        actor_cls = PrefixKVActor.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
+        actors = [actor_cls.remote(cfg.model, cfg.device) for _ in range(cfg.workers)]
+        results = calibrate(cfg, actors, calib_tokens, workdir)
+        data = write_calibration(cfg, results, n_layers, workdir)
+        if held is not None:
+            calibrated = {
+                m: {float(r): f for r, f in zip(data["ratios"], e["fractions"])} for m, e in data["scores"].items()
+            }
+            evaluate(cfg, actors, held, calibrated, workdir)
+        for a in actors:
+            ray.kill(a)
+        print(f"prefixkv run {run.info.run_id}: {FILE_NAME} logged")
+        return run.info.run_id
+
+
+if __name__ == "__main__":
+    main()

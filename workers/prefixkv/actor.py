@@ -1,0 +1,61 @@
+"""The Ray actor of pipelines.prefixkv: loads the model once, calibrates and evaluates shards.
+
+Actors never touch MLflow: they return plain numbers (lists, dicts) keyed by example index,
+and the driver, the only writer, reduces them in index order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ray
+import torch
+
+from workers.data.retrieval import RetrievalEvalSet
+
+from .calibrate import calibrate_batch
+from .evaluate import MethodSpec, eval_nll, eval_retrieval
+from .scoring import ScoreConfig
+
+
+def load_model(address: str, device: str = "cpu"):
+    """`hf:<dir>` -> HFCausalLM; `runs:/<id>/model` or a checkpoint directory -> CalibLM (eval mode)."""
+    from workers.hf_adapter import load_any
+
+    return load_any(address, device).eval()
+
+
+class PrefixKVWorker:
+    """Model + the calibration and evaluation calls of the driver (usable without Ray)."""
+
+    def __init__(self, address: str, device: str = "cpu", threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.device = device
+        self.model = load_model(address, device)
+
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    def calibrate(
+        self,
+        indices: Sequence[int],
+        tokens: torch.Tensor,
+        scores: Sequence[ScoreConfig],
+        n_sink: int,
+        ratios: Sequence[float],
+        max_steps: int,
+    ) -> dict[int, dict]:
+        """tokens [B, N] (samples `indices`) -> {index: per-score solutions}."""
+        res = calibrate_batch(self.model, tokens.to(self.device), scores, n_sink, ratios, max_steps)
+        return dict(zip(indices, res))
+
+    def nll(self, start: int, context, continuation, specs: Sequence[MethodSpec], **kw) -> tuple[int, dict]:
+        out = eval_nll(self.model, context.to(self.device), continuation.to(self.device), specs, **kw)
+        return start, out
+
+    def retrieval(self, start: int, prompt, value, specs: Sequence[MethodSpec], **kw) -> tuple[int, dict]:
+        data = RetrievalEvalSet(prompt.to(self.device), value.to(self.device), seed=-1, split="heldout")
+        return start, eval_retrieval(self.model, data, specs, **kw)
+
+
+PrefixKVActor = ray.remote(max_restarts=1, max_task_retries=1)(PrefixKVWorker)

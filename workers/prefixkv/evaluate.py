@@ -1,0 +1,90 @@
+"""Evaluate compression methods on the same tokens: continuation NLL and retrieval exact match.
+
+Shape legend: N examples, C context length, M continuation length.
+
+Every method runs on the same examples in the same order, so the driver can form paired
+differences (PrefixKV minus uniform, per example) and their standard errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from workers.data.retrieval import RetrievalEvalSet
+from workers.eval import continuation_nll, retrieval_accuracy
+
+from .methods import Method
+from .scoring import ScoreConfig
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method at one ratio; `score` is the token score for prefixkv / uniform / pyramid."""
+
+    name: str
+    ratio: float
+    score: str = "sum"
+
+    @property
+    def key(self) -> str:
+        label = self.name if self.name in ("full", "recency", "random") else f"{self.name}-{self.score}"
+        return f"{label}@{self.ratio:g}"
+
+
+def method_grid(ratios: Sequence[float], scores: Sequence[str]) -> list[MethodSpec]:
+    """full once; per ratio: prefixkv / uniform / pyramid for each score, recency, random."""
+    specs = [MethodSpec("full", 1.0)]
+    for r in ratios:
+        for s in scores:
+            specs += [MethodSpec(n, r, s) for n in ("prefixkv", "uniform", "pyramid")]
+        specs += [MethodSpec("recency", r), MethodSpec("random", r)]
+    return specs
+
+
+def build_method(spec: MethodSpec, n_layers: int, n_sink: int, window: int, calibrated: dict | None, seed=0):
+    """calibrated: {score mode: {ratio: [L] fractions}} (needed by "prefixkv" only)."""
+    score = ScoreConfig(spec.score, window=window, seed=seed)
+    cal = (calibrated or {}).get(spec.score) if spec.name == "prefixkv" else None
+    return Method(spec.name, spec.ratio, n_layers, score, n_sink, cal)
+
+
+def eval_nll(
+    model,
+    context: torch.Tensor,
+    continuation: torch.Tensor,
+    specs: Sequence[MethodSpec],
+    *,
+    n_sink: int,
+    window: int,
+    calibrated: dict | None,
+    batch_size: int = 8,
+) -> dict[str, list[float]]:
+    """context [N, C], continuation [N, M] -> {spec key: per-example mean NLL (nats)}."""
+    out = {}
+    for spec in specs:
+        m = build_method(spec, model.cfg.n_layers, n_sink, window, calibrated)
+        res = continuation_nll(model, context, continuation, batch_size=batch_size, **m.forward_kwargs())
+        out[spec.key] = res.per_example
+    return out
+
+
+def eval_retrieval(
+    model,
+    data: RetrievalEvalSet,
+    specs: Sequence[MethodSpec],
+    *,
+    n_sink: int,
+    window: int,
+    calibrated: dict | None,
+    batch_size: int = 16,
+) -> dict[str, list[int]]:
+    """{spec key: per-example exact match (0/1)} on the retrieval task."""
+    out = {}
+    for spec in specs:
+        m = build_method(spec, model.cfg.n_layers, n_sink, window, calibrated)
+        res = retrieval_accuracy(model, data, batch_size=batch_size, **m.forward_kwargs())
+        out[spec.key] = res.per_example
+    return out
