@@ -175,3 +175,58 @@ class GuardedSearcher(Searcher):
         # Trials that were running when the search stopped are evaluated again.
         state["pending"], state["in_flight"] = {}, set()
         self.__dict__.update(state)
+
+
+def run_search(
+    trainable,
+    spec: SpaceSpec,
+    *,
+    num_samples: int,
+    storage_path: str,
+    name: str,
+    seed: int = 0,
+    population: int = 8,
+    max_concurrent: int = 2,
+    cpus_per_trial: float = 1.0,
+    points: list[dict] | None = None,
+    resume: bool = True,
+) -> tuple[list[dict], dict]:
+    """Run (or resume) the Tune search; returns (one row per evaluated map, searcher stats).
+
+    `trainable` is a `tune.Trainable` class already bound with `tune.with_parameters`. Each row:
+    {"key": group choices, "damage", "nll", "exact", "bits", "map"}.
+    """
+    import os
+
+    from ray import tune
+
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples!r}")
+    path = os.path.join(storage_path, name)
+    searcher = GuardedSearcher(make_optuna_search(spec, seed, population, points or []), spec)
+    resources = tune.with_resources(trainable, {"cpu": cpus_per_trial})
+    if resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=resources, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            resources,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                num_samples=num_samples,
+                max_concurrent_trials=max_concurrent,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0),
+        )
+    grid = tuner.fit()
+    rows, seen = [], set()
+    for r in grid:
+        m = r.metrics or {}
+        if "damage" not in m or r.error:
+            continue
+        key = spec.key(r.config)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"key": list(key), **{k: m[k] for k in ("damage", "nll", "exact", "bits", "map")}})
+    return rows, dict(searcher.stats)

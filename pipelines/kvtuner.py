@@ -1,0 +1,205 @@
+"""KVTuner: per-layer mixed-precision KV cache search on Ray Tune, logged to MLflow.
+
+    python -m pipelines.kvtuner --model runs:/<run_id>/model --budget 4.0 3.25
+    python -m pipelines.kvtuner --model hf:/path/to/llama --budget 4.0 --calib-n 16
+    python -m pipelines.kvtuner --model <ckpt dir> --task retrieval --budget 3.0 --clusters 1
+
+Steps (spec/kvtuner.md): 1. sensitivity profile, one layer quantized at a time with each of
+the 9 pairs, over profile actors (KL vs full precision and NLL on calibration tokens);
+2. per-layer Pareto pruning; 3. k-means clustering of layers (layer 0 alone);
+4. NSGA-II over the groups with OptunaSearch on Ray Tune (infeasible maps rejected and
+repeated maps served from cache before evaluation); 5. second fidelity (task metric on
+validation tokens disjoint from calibration) for the Pareto candidates; 6. one map per
+budget, reported with the uniform baselines on held-out tokens (paired, same tokens).
+State lives in --work-dir: rerunning the same command resumes the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tuning.kvtuner_config import KVTunerConfig, model_shape
+from tuning.kvtuner_profile import Profile, run_items, run_profile
+from tuning.kvtuner_report import front_rows, markdown_table, plot_heatmap, plot_pareto, select_for_budget
+from tuning.kvtuner_search import SpaceSpec, run_search
+from tuning.kvtuner_space import UNIFORM_BASELINES, cluster_layers, group_candidates, parse_pair
+
+PIPELINE = "kvtuner"
+
+
+def parse_args(argv=None) -> KVTunerConfig:
+    p = argparse.ArgumentParser(prog="python -m pipelines.kvtuner", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="runs:/<run_id>/model, a checkpoint directory, or hf:<dir>")
+    p.add_argument("--budget", type=float, nargs="+", default=[4.0, 3.25], help="average bits budgets, each in [2, 8]")
+    p.add_argument("--task", default="text", help="calibration/report task: text (continuation) or retrieval")
+    p.add_argument("--mode", default="kivi", help="quantizer grouping: kivi or per_token")
+    p.add_argument("--group", type=int, default=32, help="group size G (KIVI keys: tokens, values: channels)")
+    p.add_argument("--residual", type=int, default=32, help="newest tokens kept in full precision (R)")
+    p.add_argument("--clusters", type=int, default=4, help="layer groups besides layer 0 (k = min(this, N-1))")
+    p.add_argument("--num-samples", type=int, default=48, help="maps evaluated by the Tune search")
+    p.add_argument("--population", type=int, default=8, help="NSGA-II population size")
+    p.add_argument("--baselines", nargs="+", default=list(UNIFORM_BASELINES), help="uniform pairs reported")
+    p.add_argument("--length", type=int, default=256, help="tokens per example (context + continuation)")
+    p.add_argument("--continuation", type=int, default=32, help="scored tokens per text example")
+    p.add_argument("--calib-n", type=int, default=32, help="calibration examples (profile + search proxy)")
+    p.add_argument("--valid-n", type=int, default=64, help="validation examples for the second fidelity")
+    p.add_argument("--report-n", type=int, default=256, help="held-out examples for the report")
+    p.add_argument("--fidelity2", action=argparse.BooleanOptionalAction, default=True, help="second fidelity")
+    p.add_argument("--seed", type=int, default=0, help="seed of data sampling and NSGA-II")
+    p.add_argument("--corpus", default="pydoc", help="corpus source (pydoc, .txt, .jsonl, .parquet)")
+    p.add_argument("--actors", type=int, default=2, help="profile/evaluation actors (and concurrent trials)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor and per Tune trial")
+    p.add_argument("--work-dir", default=None, help="resumable state (default artifacts/kvtuner/<run name>)")
+    p.add_argument("--run-name", default=None, help="MLflow run name")
+    a = p.parse_args(argv)
+    return KVTunerConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
+
+
+def _ray_init() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
+
+
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    n_layers, head_dim, n_kv_heads = model_shape(cfg.model)  # a missing model fails here, before any work
+    cfg.check_model(n_layers)
+    import mlflow
+
+    from workers import tracking
+    from workers.data.corpus import load_corpus
+    from workers.kvcache.evaluate import build_data
+
+    work = Path(cfg.work_dir or f"artifacts/kvtuner/{cfg.name()}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(cfg.corpus)
+    calib = build_data(cfg.task, corpus, "calib", cfg.calib_n, cfg.seed + 1, cfg.length, cfg.continuation, (0, 2))
+    valid = build_data(cfg.task, corpus, "calib", cfg.valid_n, cfg.seed + 2, cfg.length, cfg.continuation, (1, 2))
+    report = build_data(cfg.task, corpus, "heldout", cfg.report_n, cfg.seed + 3, cfg.length, cfg.continuation)
+    run_file = work / "run_id"
+    run_id = run_file.read_text().strip() if run_file.is_file() else None
+    if run_id:
+        tracking.mark_failed_if_running(run_id)
+    params = {**cfg.to_params(), "n_layers": n_layers, "head_dim": head_dim, "work_dir": str(work)}
+    tags = {"corpus_sha256": corpus.sha256, "task": cfg.task}
+    with tracking.start_run(PIPELINE, run_name=cfg.run_name, params=params, tags=tags, run_id=run_id) as run:
+        run_file.write_text(run.info.run_id)
+        _ray_init()
+        out = _run(cfg, work, n_layers, head_dim, n_kv_heads, calib, valid, report)
+        for name in sorted(os.listdir(work / "out")):
+            mlflow.log_artifact(str(work / "out" / name))
+        budgets_dir = work / "out_budgets"
+        if budgets_dir.is_dir():
+            mlflow.log_artifacts(str(budgets_dir), "budgets")
+        tracking.log_metrics(out["metrics"])
+        out["run_id"] = run.info.run_id
+    return out
+
+
+def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, valid, report) -> dict:
+    from ray import tune
+
+    from tuning.kvtuner_results import final_report
+    from workers.kvcache.actors import KVTrial, MapWorker, ProfileWorker
+
+    quant = cfg.quant()
+    out = work / "out"
+    out.mkdir(exist_ok=True)
+    metrics: dict[str, float] = {}
+
+    # 1. profile (resumable)
+    prof_file = work / "profile.json"
+    if prof_file.is_file():
+        profile = Profile.load(prof_file)
+    else:
+        profile = run_profile(ProfileWorker, cfg.model, calib, quant, n_layers, cfg.actors, cfg.cpus_per_actor)
+        profile.save(prof_file)
+    kv = profile.keys_vs_values()
+    metrics.update({k: float(v) for k, v in kv.items() if isinstance(v, int | float)})
+    (out / "profile.json").write_text(json.dumps({**profile.to_dict(), "keys_vs_values": kv}, indent=1))
+
+    # 2-3. prune, cluster
+    cands = profile.layer_candidates()
+    groups = cluster_layers(profile.damage, cfg.clusters, seed=cfg.seed)
+    spec = SpaceSpec(groups, group_candidates(groups, cands), max(cfg.budget))
+    clusters = {
+        "groups": groups,
+        "layer_candidates": [[p.name for p in c] for c in cands],
+        "group_candidates": [[p.name for p in c] for c in spec.candidates],
+        "space_size": spec.size(),
+    }
+    (out / "clusters.json").write_text(json.dumps(clusters, indent=1))
+    plot_heatmap(profile.damage, str(out / "profile_heatmap.png"), groups)
+    metrics.update({"n_groups": float(max(groups) + 1), "space_size": float(spec.size())})
+
+    # 4. NSGA-II search on Ray Tune, seeded with the uniform maps the grouped space contains
+    seeds = [
+        spec.config_for([parse_pair(b)] * len(spec.candidates))
+        for b in cfg.baselines
+        if all(parse_pair(b) in c for c in spec.candidates) and parse_pair(b).bits <= spec.budget
+    ]
+    trainable = tune.with_parameters(KVTrial, model_address=cfg.model, data=calib, quant=quant, spec=spec)
+    rows, stats = run_search(
+        trainable,
+        spec,
+        num_samples=min(cfg.num_samples, spec.size()),
+        storage_path=str(work / "tune"),
+        name="search",
+        seed=cfg.seed,
+        population=cfg.population,
+        max_concurrent=cfg.actors,
+        cpus_per_trial=cfg.cpus_per_actor,
+        points=seeds,
+    )
+    metrics.update({f"search_{k}": float(v) for k, v in stats.items()})
+    metrics["search_evaluated"] = float(len(rows))
+
+    # uniform baselines on the calibration proxy (for the plot and table)
+    base_items = [(b, ",".join([parse_pair(b).name] * n_layers)) for b in cfg.baselines]
+    base_rows = run_items(MapWorker, (cfg.model, calib, quant, False), base_items, cfg.actors, cfg.cpus_per_actor)
+    for b in base_rows:
+        b["bits"] = parse_pair(b["name"]).bits
+    front = front_rows(rows)
+
+    # 5. second fidelity on validation tokens, Pareto candidates only
+    if cfg.fidelity2 and front:
+        fid = run_items(
+            MapWorker,
+            (cfg.model, valid, quant, True),
+            [(r["map"], r["map"]) for r in front],
+            cfg.actors,
+            cfg.cpus_per_actor,
+        )
+        for r, f in zip(front, fid):
+            r["fidelity2"] = f["value"]
+            r["fidelity2_se"] = f["se"]
+    cols = ["map", "bits", "damage", "nll", "exact"] + (["fidelity2", "fidelity2_se"] if cfg.fidelity2 else [])
+    (out / "pareto.md").write_text(markdown_table(front, cols))
+    (out / "search_rows.json").write_text(json.dumps({"rows": rows, "front": front, "baselines": base_rows}))
+    plot_pareto(rows, base_rows, str(out / "pareto.png"), f"KVTuner {cfg.task}: {Path(str(cfg.model)).name}")
+
+    # 6. one map per budget, then the held-out report
+    higher = cfg.task == "retrieval"
+    chosen = {}
+    for b in cfg.budget:
+        if cfg.fidelity2 and front:
+            pick = select_for_budget(front, b, "fidelity2", higher_is_better=higher)
+        else:
+            pick = select_for_budget(rows, b, "damage")
+        if pick is None:
+            raise RuntimeError(f"no evaluated map fits budget {b}; raise --num-samples")
+        chosen[b] = pick
+    rep = final_report(cfg, chosen, n_layers, head_dim, n_kv_heads, report, work)
+    metrics.update(rep["metrics"])
+    return {"metrics": metrics, "chosen": {str(b): r["map"] for b, r in chosen.items()}, "report": rep}
+
+
+if __name__ == "__main__":
+    res = main(sys.argv[1:])
+    print(json.dumps({"run_id": res["run_id"], "chosen": res["chosen"]}, indent=1))

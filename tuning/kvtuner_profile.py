@@ -1,0 +1,119 @@
+"""KVTuner sensitivity profile: per (layer, pair) damage, distributed over Ray actors.
+
+Shape legend: N layers, P = 9 pairs (K and V bits in {2, 4, 8}).
+
+`run_profile` splits the N * P single-layer probes round-robin over `n_actors` profile
+actors (each loads the model and the calibration tokens once) and assembles a `Profile`:
+damage (KL of next-token distributions against full precision) and NLL, both [N, P].
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tuning.kvtuner_space import PAIRS, Pair, pareto_prune, parse_pair
+
+
+@dataclass
+class Profile:
+    """damage, nll: [N, P] with columns in `PAIRS` order; exact: [N, P] exact-match rate."""
+
+    damage: np.ndarray
+    nll: np.ndarray
+    exact: np.ndarray
+
+    @property
+    def n_layers(self) -> int:
+        return self.damage.shape[0]
+
+    def value(self, layer: int, pair: Pair | str) -> float:
+        return float(self.damage[layer, PAIRS.index(parse_pair(pair))])
+
+    def layer_candidates(self) -> list[list[Pair]]:
+        """Per-layer Pareto-pruned pairs, by falling bits."""
+        return [pareto_prune({p: float(self.damage[i, j]) for j, p in enumerate(PAIRS)}) for i in range(self.n_layers)]
+
+    def keys_vs_values(self) -> dict:
+        """Per layer: damage of 2-bit keys (V8) against 2-bit values (K8), and the same at 4 bits."""
+        out = {}
+        for bits in (2, 4):
+            k = np.array([self.value(i, Pair(bits, 8)) for i in range(self.n_layers)])
+            v = np.array([self.value(i, Pair(8, bits)) for i in range(self.n_layers)])
+            out[f"keys_more_sensitive_{bits}bit"] = int((k > v).sum())
+            out[f"key_damage_{bits}bit"] = k.tolist()
+            out[f"value_damage_{bits}bit"] = v.tolist()
+        out["n_layers"] = self.n_layers
+        k2 = np.array(out["key_damage_2bit"])
+        out["k2_layer_spread"] = float(k2.max() / max(k2.min(), 1e-12))
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "pairs": [p.name for p in PAIRS],
+            "damage": self.damage.tolist(),
+            "nll": self.nll.tolist(),
+            "exact": self.exact.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Profile:
+        if d.get("pairs") != [p.name for p in PAIRS]:
+            raise ValueError("profile file was written with a different pair order")
+        return cls(np.array(d["damage"]), np.array(d["nll"]), np.array(d["exact"]))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def assemble(rows: list[dict], n_layers: int) -> Profile:
+    """Rows {"layer", "pair", "damage", "nll", "exact"} -> Profile; every (layer, pair) exactly once."""
+    shape = (n_layers, len(PAIRS))
+    arrs = {k: np.full(shape, np.nan) for k in ("damage", "nll", "exact")}
+    for r in rows:
+        j = PAIRS.index(parse_pair(r["pair"]))
+        for k in arrs:
+            arrs[k][r["layer"], j] = r[k]
+    if np.isnan(arrs["damage"]).any():
+        raise RuntimeError("profile is missing (layer, pair) entries")
+    return Profile(**arrs)
+
+
+def run_items(actor_cls, init_args: tuple, items: list, n_actors: int, num_cpus: float) -> list:
+    """Split `items` round-robin over `n_actors` Ray actors of `actor_cls(*init_args)`; `run(items)` each.
+
+    Returns the results in the order of `items`. Large init args (data) go through the object store once.
+    """
+    import ray
+
+    if not items:
+        return []
+    n_actors = max(1, min(n_actors, len(items)))
+    remote = ray.remote(num_cpus=num_cpus)(actor_cls)
+    refs = tuple(ray.put(a) if not isinstance(a, str | int | float | dict) else a for a in init_args)
+    actors = [remote.remote(*refs) for _ in range(n_actors)]
+    try:
+        parts = ray.get([a.run.remote(items[i::n_actors]) for i, a in enumerate(actors)])
+    finally:
+        for a in actors:
+            ray.kill(a)
+    out = [None] * len(items)
+    for i, part in enumerate(parts):
+        for j, r in enumerate(part):
+            out[i + j * n_actors] = r
+    return out
+
+
+def run_profile(actor_cls, model_address: str, data, quant: dict, n_layers: int, n_actors: int, num_cpus: float):
+    """Distribute the N * 9 single-layer probes over `n_actors` actors of `actor_cls` -> Profile."""
+    from workers.kvcache.actors import profile_jobs
+
+    rows = run_items(actor_cls, (model_address, data, quant), profile_jobs(n_layers), n_actors, num_cpus)
+    return assemble(rows, n_layers)
