@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import mlflow
-import ray
 import torch
 
 from tuning.indexcache_cost import analytic_units, naive_units
@@ -38,6 +36,7 @@ from workers.data.corpus import SplitConfig, load_corpus
 from workers.indexcache_actor import ActorPool
 from workers.indexcache_report import log_rows
 from workers.model import checkpoint
+from workers.ray_utils import init_ray
 
 log = logging.getLogger("pipelines.indexcache")
 STATE_ARTIFACT = "search/state.json"
@@ -193,8 +192,7 @@ def run(
         check_compatible(state, n, cfg.retentions, cfg.mode)
     else:
         state = SearchState(n, cfg.retentions, mode=cfg.mode, fidelity=cfg.fidelity())
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
+    init_ray()
     params = {**{k: v for k, v in asdict(cfg).items() if k != "tags"}, "n_layers": n, "seq_len_resolved": seq_len}
     params.update({"topk": model.cfg.indexer.topk, **data.summary})
     with tracking.start_run(

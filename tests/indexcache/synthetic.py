@@ -18,9 +18,7 @@ from tuning.indexcache_patterns import flip, serving_layer
 
 
 class SyntheticEvaluator:
-    def __init__(
-        self, n_layers: int, n_rows: int = 16, seed: int = 0, mode: str = "prefix", flat: bool = False
-    ):
+    def __init__(self, n_layers: int, n_rows: int = 16, seed: int = 0, mode: str = "prefix", flat: bool = False):
         rng = random.Random(seed)
         self.n_layers, self.n_rows, self.mode = n_layers, n_rows, mode
         self.cost = [0.0] + [0.0 if flat else rng.uniform(0.01, 0.1) for _ in range(1, n_layers)]
