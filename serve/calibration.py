@@ -90,15 +90,20 @@ def _pick(arg: str, table: dict, key: float | None, key_name: str):
 
 
 def parse_indexcache(d: dict, retention: float | None, n_layers: int) -> str:
-    if isinstance(d.get("pattern"), str) and retention is None:
-        pattern = d["pattern"]
-    elif isinstance(d.get("patterns"), dict):
-        pattern = _pick("indexcache", d["patterns"], retention, "retention")
-        pattern = pattern["pattern"] if isinstance(pattern, dict) else pattern
+    """indexcache.json (pipelines.indexcache: {"patterns": {"<retention>": {"searched": {"pattern"}}}})
+    or a bare {"pattern": "FSFS..."} -> the F/S pattern to serve."""
+    if isinstance(d.get("patterns"), dict) and (retention is not None or "pattern" not in d):
+        entry = _pick("indexcache", d["patterns"], retention, "retention")
+        if isinstance(entry, dict):
+            entry = entry.get("searched", entry)
+            entry = entry.get("pattern") if isinstance(entry, dict) else entry
+        pattern = entry
     elif isinstance(d.get("pattern"), str):
         pattern = d["pattern"]
     else:
         raise CalibrationError("indexcache: JSON has neither 'pattern' nor 'patterns'")
+    if not isinstance(pattern, str):
+        raise CalibrationError(f"indexcache: no pattern string found (got {pattern!r})")
     return check_pattern(pattern, n_layers)
 
 
@@ -135,14 +140,29 @@ def parse_kv_precision(d: dict, budget: float | None, n_layers: int) -> dict:
     }
 
 
-def parse_prefixkv(d: dict, keep_ratio: float, n_layers: int) -> dict:
-    table = d.get("fractions") or d.get("ratios") or d.get("keep_fractions")
-    if not isinstance(table, dict):
-        raise CalibrationError("prefixkv: JSON has no per-ratio 'fractions' table")
-    fractions = [float(x) for x in _pick("prefixkv", table, keep_ratio, "keep_ratio")]
-    if len(fractions) != n_layers or not all(0 < f <= 1 for f in fractions):
-        raise CalibrationError(f"prefixkv: fractions {fractions} must be {n_layers} values in (0, 1] (one per layer)")
-    return {"fractions": fractions, "keep_ratio": keep_ratio, "n_sink": int(d.get("n_sink", 4))}
+def parse_prefixkv(d: dict, keep_ratio: float, n_layers: int, score: str | None = None) -> dict:
+    """prefixkv.json (workers.prefixkv.calibration_file, version 1) -> per-layer fractions at keep_ratio.
+
+    Ratios on the calibrated grid are used as stored; others are interpolated by the PrefixKV
+    helper's schedule (tuning.prefixkv_plan.schedule_fractions)."""
+    from tuning.prefixkv_plan import schedule_fractions
+    from workers.prefixkv.calibration_file import Calibration as PrefixKVCalibration
+
+    try:
+        pkv = PrefixKVCalibration(d)
+        if pkv.n_layers != n_layers:
+            raise ValueError(f"calibrated for {pkv.n_layers} layers, the model has {n_layers}")
+        fractions = schedule_fractions("prefixkv", keep_ratio, n_layers, pkv.fractions(score))
+        sc = pkv.score(score)
+    except ValueError as e:
+        raise CalibrationError(f"prefixkv: {e}") from e
+    return {
+        "fractions": [float(f) for f in fractions],
+        "keep_ratio": keep_ratio,
+        "n_sink": pkv.n_sink,
+        "score": sc.mode,
+        "window": sc.window,
+    }
 
 
 def resolve(args: ServeArgs, n_layers: int) -> Calibration:

@@ -96,6 +96,7 @@ class ComposedSpec:
             kw.update(
                 fractions=tuple(cal.evict["fractions"]), keep_ratio=cal.evict["keep_ratio"], n_sink=cal.evict["n_sink"]
             )
+            score = score or ScoreConfig(cal.evict.get("score", "sum"), window=cal.evict.get("window", 32))
         return cls(**kw, score=score or ScoreConfig("sum"))
 
 
@@ -124,8 +125,9 @@ class _Layer:
         self.q_pos: torch.Tensor | None = None  # [B, Sq]
         self.q_idx: torch.Tensor | None = None  # [B, Sq, Di]
         self.k = self.v = self.pos = self.idx = self.score = None  # window [B, Sw, ...]
-        self.seen = 0
-        self.pending = 0
+        self.seen = 0  # tokens observed (eviction bookkeeping)
+        self.pending = 0  # tokens written by update, not yet observed
+        self.written = 0
 
     @property
     def n_quantized(self) -> int:
@@ -166,6 +168,7 @@ class ComposedCache:
         if st.pending:
             raise RuntimeError(f"layer {layer}: observe() was not called after the last update (pass observer=)")
         st.k, st.v, st.pos, st.idx = _cat(st.k, k), _cat(st.v, v), _cat(st.pos, pos), _cat(st.idx, idx_k)
+        st.written += k.shape[1]
         if self.spec.evicts:
             st.score = _cat(st.score, static_scores(self.spec.score, layer, pos))
             st.pending = k.shape[1]
@@ -193,6 +196,12 @@ class ComposedCache:
         self._flush(layer)
 
     def length(self, layer: int) -> int:
+        """Tokens this layer has been given (the next position), as workers.prefixkv.EvictingCache:
+        models derive default positions from length(0), and evicted tokens still advance them."""
+        return self.layers[layer].written
+
+    def kept(self, layer: int) -> int:
+        """Tokens this layer still holds."""
         st = self.layers[layer]
         return st.n_quantized + st.n_window
 
@@ -224,7 +233,7 @@ class ComposedCache:
     def _evict_window(self, layer: int, target: int) -> None:
         """Drop the lowest-scored unprotected window tokens until the layer holds <= target."""
         st = self.layers[layer]
-        excess = st.n_quantized + st.n_window - target
+        excess = self.kept(layer) - target
         if excess <= 0:
             return
         newest = st.pos.max(dim=1, keepdim=True).values

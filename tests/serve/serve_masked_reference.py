@@ -107,6 +107,9 @@ class MaskedReferenceCache:
         self.quant[layer][blk] = True
 
     def length(self, layer: int) -> int:
+        return 0 if self.alive[layer] is None else len(self.alive[layer])
+
+    def kept(self, layer: int) -> int:
         return int(self.alive[layer].sum())
 
     def nbytes(self) -> int:
