@@ -67,6 +67,7 @@ class IndexCacheConfig:
     distill_steps: int = 0
     distill_lr: float = 1e-3
     distill_batch: int = 8
+    distill_retentions: tuple[float, ...] = ()  # empty: every retention
     worker_cpus: float = 1.0
     threads: int = 1
     max_steps: int = 0  # 0: run to the end; else stop (resumably) after this many steps
@@ -79,6 +80,10 @@ class IndexCacheConfig:
 
         object.__setattr__(self, "retentions", tuple(float(r) for r in self.retentions))
         object.__setattr__(self, "fidelity_rungs", tuple(float(r) for r in self.fidelity_rungs))
+        object.__setattr__(self, "distill_retentions", tuple(float(r) for r in self.distill_retentions))
+        extra = sorted(set(self.distill_retentions) - set(self.retentions))
+        if extra:
+            raise ValueError(f"distill_retentions {extra} are not among the searched retentions {self.retentions}")
         if not self.retentions:
             raise ValueError("--retention needs at least one value")
         for r in self.retentions:
@@ -138,7 +143,7 @@ def load_data(cfg: IndexCacheConfig, seq_len: int) -> Data:
     if calib.shape[0] < cfg.calib_windows:
         raise ValueError(f"calib_windows={cfg.calib_windows}: the calib split holds only {calib.shape[0]}")
     g = torch.Generator().manual_seed(cfg.split_seed)
-    train = corpus.sample_windows("train", seq_len + 1, max(64, 4 * cfg.distill_batch), g)
+    train = corpus.sample_windows("train", seq_len + 1, max(256, 4 * cfg.distill_batch), g)
     summary = {**corpus.summary(), "calib_windows": calib.shape[0], "heldout_windows": heldout.shape[0]}
     return Data(calib, heldout, train, summary)
 
@@ -244,6 +249,7 @@ def run(
                 "search/analytic_layer_forwards": analytic_units(state, pool.rows, pool.total_rows())
                 / pool.total_rows(),
                 "search/actor_replacements": pool.replacements,
+                "search/layer_forwards_this_process": pool.units() / pool.total_rows(),
             }
             cost["search/cost_ratio_vs_naive"] = (
                 cost["search/total_layer_forwards"] / cost["search/naive_layer_forwards"]
@@ -294,6 +300,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--distill-steps", type=int, default=0, help="training-aware variant: steps per pattern (0: off)")
     p.add_argument("--distill-lr", type=float, default=1e-3, help="Adam learning rate of the retained indexers")
     p.add_argument("--distill-batch", type=int, default=8, help="train windows per distillation step")
+    p.add_argument(
+        "--distill-retention",
+        type=float,
+        nargs="+",
+        default=[],
+        help="retentions to distill for (default: every --retention)",
+    )
     p.add_argument("--worker-cpus", type=float, default=None, help="Ray CPUs per actor (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per actor (default 1)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many greedy steps (resumable)")
@@ -326,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
             distill_steps=a.distill_steps,
             distill_lr=a.distill_lr,
             distill_batch=a.distill_batch,
+            distill_retentions=tuple(a.distill_retention),
             overlap=not a.no_overlap,
             experiment=a.experiment,
             **{k: v for k, v in runtime.items() if v is not None},

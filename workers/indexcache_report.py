@@ -190,12 +190,18 @@ def report(cfg, model, data, state, pool) -> dict:
     pool.shutdown()  # frees the actors' CPUs for the distillation tasks
 
     if cfg.distill_steps:
+        wanted = set(cfg.distill_retentions or cfg.retentions)
         jobs = [
-            (r, kind, e[kind]["pattern"]) for r, e in zip(cfg.retentions, results) for kind in ("searched", "uniform")
+            (e["retention"], kind, e[kind]["pattern"])
+            for e in results
+            if e["retention"] in wanted
+            for kind in ("searched", "uniform")
         ]
         out = _distill(cfg, model, data, jobs)
         for e in results:
             r = e["retention"]
+            if r not in wanted:
+                continue
             e["distilled"] = {}
             for kind in ("searched", "uniform"):
                 o = out[(r, kind)]
