@@ -23,21 +23,26 @@ def _gqa_split(q: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def _sparse_chunk(q, k, v, idx, scale):
-    """q [B, c, H, Dh], k/v [B, S, Hkv, Dh], idx [B, c, K] -> [B, c, H, Dh]."""
+    """q [B, c, H, Dh], k/v [B, S, Hkv, Dh], idx [B, c, K] -> [B, c, H, Dh].
+
+    Keys and values are gathered as whole rows with index_select on a [B*Hkv*S, Dh] view (a
+    row memcpy; much faster on CPU than advanced indexing), laid out [B, Hkv, c, K, Dh] so the
+    G query heads of a group share one batched matmul.
+    """
     b, c, h, dh = q.shape
-    hkv = k.shape[2]
+    s, hkv = k.shape[1], k.shape[2]
     valid = idx >= 0  # [B, c, K]
-    bi = torch.arange(b, device=q.device)[:, None, None]
-    safe = idx.clamp(min=0)
-    kg = k[bi, safe]  # [B, c, K, Hkv, Dh]
-    vg = v[bi, safe]
-    qg = _gqa_split(q, hkv)  # [B, c, Hkv, G, Dh]
-    sc = torch.einsum("bcngd,bcknd->bcngk", qg.float(), kg.float()) * scale  # [B, c, Hkv, G, K]
-    sc = sc.masked_fill(~valid[:, :, None, None, :], float("-inf"))
+    base = (torch.arange(b, device=q.device)[:, None] * hkv + torch.arange(hkv, device=q.device)) * s  # [B, Hkv]
+    rows = (base[:, :, None, None] + idx.clamp(min=0)[:, None]).reshape(-1)  # B*Hkv*c*K
+    kg = k.transpose(1, 2).reshape(b * hkv * s, dh).index_select(0, rows).view(b, hkv, c, -1, dh)
+    vg = v.transpose(1, 2).reshape(b * hkv * s, dh).index_select(0, rows).view(b, hkv, c, -1, dh)
+    qg = q.view(b, c, hkv, h // hkv, dh).transpose(1, 2).float()  # [B, Hkv, c, G, Dh]
+    sc = torch.matmul(qg, kg.float().transpose(-1, -2)) * scale  # [B, Hkv, c, G, K]
+    sc = sc.masked_fill(~valid[:, None, :, None, :], float("-inf"))
     p = torch.softmax(sc, dim=-1)
-    p = torch.where(valid.any(-1)[:, :, None, None, None], p, torch.zeros_like(p))
-    o = torch.einsum("bcngk,bcknd->bcngd", p, vg.float())
-    return o.reshape(b, c, h, dh).to(q.dtype)
+    p = torch.where(valid.any(-1)[:, None, :, None, None], p, torch.zeros_like(p))
+    o = torch.matmul(p, vg.float())  # [B, Hkv, c, G, Dh]
+    return o.transpose(1, 2).reshape(b, c, h, dh).to(q.dtype)
 
 
 def sparse_attention(
