@@ -38,19 +38,32 @@ from kernels.sparse_attention.reference import causal_attention, sparse_attentio
 from kernels.topk.reference import topk_indices
 
 
+def _timed(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def bench(fn: Callable[[], object], repeats: int, device: str = "cpu") -> float:
     """Median wall seconds of `repeats` calls after one warm-up call."""
     fn()
-    times = []
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
+
+
+def bench_pair(
+    ours: Callable[[], object], base: Callable[[], object], repeats: int, device: str = "cpu"
+) -> tuple[float, float]:
+    """Medians of alternating calls, so a load change on a shared machine hits both sides alike."""
+    ours(), base()
+    t_ours, t_base = [], []
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        t_ours.append(_timed(ours, device))
+        t_base.append(_timed(base, device))
+    return statistics.median(t_ours), statistics.median(t_base)
 
 
 def _causal_idx(b: int, t: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -77,12 +90,13 @@ def _attention_rows(rows: list, L: int, k: int, repeats: int) -> None:
     pos = torch.arange(L)[None]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, kk, v))
     with torch.no_grad():
-        t_sparse = bench(lambda: sparse_attention(q, kk, v, idx), repeats)
-        t_dense = bench(lambda: causal_attention(q, kk, v, pos, pos), repeats)
-        t_sdpa = bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True), repeats)
+        sparse = lambda: sparse_attention(q, kk, v, idx)
+        t_sparse, t_dense = bench_pair(sparse, lambda: causal_attention(q, kk, v, pos, pos), repeats)
+        sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        t_sparse2, t_sdpa = bench_pair(sparse, sdpa, repeats)
     shape = f"L={L} k={k} H={h} Hkv={hkv} Dh={dh}"
     rows.append(("sparse attention (reference) vs naive dense causal", shape, t_sparse, t_dense))
-    rows.append(("sparse attention (reference) vs torch SDPA causal", shape, t_sparse, t_sdpa))
+    rows.append(("sparse attention (reference) vs torch SDPA causal", shape, t_sparse2, t_sdpa))
 
 
 def cpu_decode(rows: list, s: int, repeats: int) -> None:
@@ -93,11 +107,12 @@ def cpu_decode(rows: list, s: int, repeats: int) -> None:
     q = torch.randn(b, 1, h, dh, generator=g)
     pos, win_pos, q_pos = torch.arange(s)[None], torch.arange(s, s + w)[None], torch.tensor([[s + w - 1]])
     k_full, v_full, pos_full = torch.cat([k, k_win], 1), torch.cat([v, v_win], 1), torch.cat([pos, win_pos], 1)
-    t_full = bench(lambda: decode_attention_dense(q, k_full, v_full, pos_full, q_pos), repeats)
+    full = lambda: decode_attention_dense(q, k_full, v_full, pos_full, q_pos)
     fp16_bytes = 2 * (s + w) * hkv * dh * 2
     for kb, vb in [(8, 8), (4, 4), (4, 2), (2, 2)]:
         kp, vp = quant_ref(k, kb, "kivi", "k", 32), quant_ref(v, vb, "kivi", "v", 32)
-        t_packed = bench(lambda kp=kp, vp=vp: decode_ref(q, kp, vp, pos, k_win, v_win, win_pos, q_pos), repeats)
+        packed = lambda kp=kp, vp=vp: decode_ref(q, kp, vp, pos, k_win, v_win, win_pos, q_pos)
+        t_packed, t_full = bench_pair(packed, full, repeats)
         held = kp.nbytes() + vp.nbytes() + 2 * w * hkv * dh * 2
         shape = f"S={s}+{w} H={h} Hkv={hkv} Dh={dh} K{kb}V{vb} kivi; bytes {held / fp16_bytes:.2f}x of fp16"
         rows.append(("packed-KV decode (reference) vs full-precision decode", shape, t_packed, t_full))
@@ -135,8 +150,9 @@ def _indexer_row(rows: list, L: int, repeats: int) -> None:
     q, k, w = torch.randn(1, L, hi, di, generator=g), torch.randn(1, L, di, generator=g), torch.randn(1, L, hi)
     pos = torch.arange(L)[None]
     with torch.no_grad():
-        t_chunk = bench(lambda: indexer_ref(q, k, w, pos, pos), repeats)
-        t_naive = bench(lambda: indexer_logits_naive(q, k, w, pos, pos), repeats)
+        t_chunk, t_naive = bench_pair(
+            lambda: indexer_ref(q, k, w, pos, pos), lambda: indexer_logits_naive(q, k, w, pos, pos), repeats
+        )
     m_chunk = largest_intermediate(lambda: indexer_ref(q, k, w, pos, pos))
     m_naive = largest_intermediate(lambda: indexer_logits_naive(q, k, w, pos, pos))
     mem = f"largest intermediate {m_chunk / 2**20:.0f}M vs {m_naive / 2**20:.0f}M elements"
@@ -171,7 +187,7 @@ def gpu_section(rows: list, device: str, small: bool, repeats: int) -> dict[str,
         del big, a
 
     def add(name, shape, fn_triton, fn_ref, work=None):
-        t_tri, t_ref = bench(fn_triton, repeats, device), bench(fn_ref, repeats, device)
+        t_tri, t_ref = bench_pair(fn_triton, fn_ref, repeats, device)
         note = shape
         if work and ceilings:
             kind, amount = work
@@ -217,7 +233,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=256, help="indices per query k for sparse attention")
     p.add_argument("--indexer-lengths", type=int, nargs="+", default=[2048, 4096], help="L for the indexer rows")
     p.add_argument("--decode-length", type=int, default=8192, help="cache length S for the decode rows")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
     p.add_argument("--gpu-smoke", action="store_true", help="run the GPU section on CPU at tiny shapes (interpreter)")
     p.add_argument("--no-mlflow", action="store_true", help="print only; do not log an MLflow run")
     p.add_argument("--out", default="artifacts/bench_kernels.json", help="where to write the JSON results")
