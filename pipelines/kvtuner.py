@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from tuning.kvtuner_config import KVTunerConfig, model_shape
-from tuning.kvtuner_profile import Profile, run_items, run_profile
+from tuning.kvtuner_profile import Profile, WorkerPool, run_profile
 from tuning.kvtuner_report import front_rows, markdown_table, plot_heatmap, plot_pareto, select_for_budget
 from tuning.kvtuner_search import SpaceSpec, run_search
 from tuning.kvtuner_space import UNIFORM_BASELINES, cluster_layers, group_candidates, parse_pair
@@ -106,20 +106,32 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
     from ray import tune
 
     from tuning.kvtuner_results import final_report
-    from workers.kvcache.actors import KVTrial, MapWorker, ProfileWorker
+    from workers.kvcache.actors import KVTrial, KVWorker
 
     quant = cfg.quant()
     out = work / "out"
     out.mkdir(exist_ok=True)
     metrics: dict[str, float] = {}
 
-    # 1. profile (resumable)
-    prof_file = work / "profile.json"
-    if prof_file.is_file():
-        profile = Profile.load(prof_file)
+    datasets = {"calib": calib, "valid": valid, "report": report}
+    new_pool = lambda: WorkerPool(KVWorker, (cfg.model, datasets, quant), cfg.actors, cfg.cpus_per_actor)
+
+    # 1. profile and the uniform baselines' calibration proxy (resumable), on one actor pool
+    prof_file, base_file = work / "profile.json", work / "baselines_calib.json"
+    base_items = [{"op": "proxy", "map": ",".join([parse_pair(b).name] * n_layers)} for b in cfg.baselines]
+    if prof_file.is_file() and base_file.is_file():
+        profile, base_rows = Profile.load(prof_file), json.loads(base_file.read_text())
     else:
-        profile = run_profile(ProfileWorker, cfg.model, calib, quant, n_layers, cfg.actors, cfg.cpus_per_actor)
+        pool = new_pool()
+        try:
+            profile = run_profile(pool, n_layers)
+            base_rows = pool.map(base_items)
+        finally:
+            pool.close()
+        for b, r in zip(cfg.baselines, base_rows):
+            r.update(name=b, bits=parse_pair(b).bits)
         profile.save(prof_file)
+        base_file.write_text(json.dumps(base_rows))
     kv = profile.keys_vs_values()
     metrics.update({k: float(v) for k, v in kv.items() if isinstance(v, int | float)})
     (out / "profile.json").write_text(json.dumps({**profile.to_dict(), "keys_vs_values": kv}, indent=1))
@@ -160,31 +172,30 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
     metrics.update({f"search_{k}": float(v) for k, v in stats.items()})
     metrics["search_evaluated"] = float(len(rows))
 
-    # uniform baselines on the calibration proxy (for the plot and table)
-    base_items = [(b, ",".join([parse_pair(b).name] * n_layers)) for b in cfg.baselines]
-    base_rows = run_items(MapWorker, (cfg.model, calib, quant, False), base_items, cfg.actors, cfg.cpus_per_actor)
-    for b in base_rows:
-        b["bits"] = parse_pair(b["name"]).bits
     front = front_rows(rows)
 
-    # 5. second fidelity on validation tokens, Pareto candidates only
-    if cfg.fidelity2 and front:
-        fid = run_items(
-            MapWorker,
-            (cfg.model, valid, quant, True),
-            [(r["map"], r["map"]) for r in front],
-            cfg.actors,
-            cfg.cpus_per_actor,
-        )
-        for r, f in zip(front, fid):
-            r["fidelity2"] = f["value"]
-            r["fidelity2_se"] = f["se"]
+    # 5. second fidelity on validation tokens, Pareto candidates only; then the held-out report
+    pool = new_pool()
+    try:
+        if cfg.fidelity2 and front:
+            fid = pool.map([{"op": "task", "map": r["map"], "data": "valid"} for r in front])
+            for r, f in zip(front, fid):
+                r["fidelity2"], r["fidelity2_se"] = f["value"], f["se"]
+        chosen = _choose(cfg, rows, front)
+        rep = final_report(cfg, chosen, n_layers, head_dim, n_kv_heads, pool, report, work)
+    finally:
+        pool.close()
     cols = ["map", "bits", "damage", "nll", "exact"] + (["fidelity2", "fidelity2_se"] if cfg.fidelity2 else [])
     (out / "pareto.md").write_text(markdown_table(front, cols))
     (out / "search_rows.json").write_text(json.dumps({"rows": rows, "front": front, "baselines": base_rows}))
     plot_pareto(rows, base_rows, str(out / "pareto.png"), f"KVTuner {cfg.task}: {Path(str(cfg.model)).name}")
 
-    # 6. one map per budget, then the held-out report
+    metrics.update(rep["metrics"])
+    return {"metrics": metrics, "chosen": {str(b): r["map"] for b, r in chosen.items()}, "report": rep}
+
+
+def _choose(cfg: KVTunerConfig, rows: list[dict], front: list[dict]) -> dict:
+    """One map per budget: best second fidelity among Pareto candidates, else least calibration KL."""
     higher = cfg.task == "retrieval"
     chosen = {}
     for b in cfg.budget:
@@ -195,9 +206,7 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
         if pick is None:
             raise RuntimeError(f"no evaluated map fits budget {b}; raise --num-samples")
         chosen[b] = pick
-    rep = final_report(cfg, chosen, n_layers, head_dim, n_kv_heads, report, work)
-    metrics.update(rep["metrics"])
-    return {"metrics": metrics, "chosen": {str(b): r["map"] for b, r in chosen.items()}, "report": rep}
+    return chosen
 
 
 if __name__ == "__main__":

@@ -86,34 +86,42 @@ def assemble(rows: list[dict], n_layers: int) -> Profile:
     return Profile(**arrs)
 
 
-def run_items(actor_cls, init_args: tuple, items: list, n_actors: int, num_cpus: float) -> list:
-    """Split `items` round-robin over `n_actors` Ray actors of `actor_cls(*init_args)`; `run(items)` each.
+class WorkerPool:
+    """n Ray actors of `actor_cls(*init_args)`, each loaded once; `map(items)` splits items round-robin.
 
-    Returns the results in the order of `items`. Large init args (data) go through the object store once.
+    Large init args (data sets) go through the object store once. `close()` frees the CPUs
+    (the driver closes the pool while Tune's trial actors run).
     """
-    import ray
 
-    if not items:
-        return []
-    n_actors = max(1, min(n_actors, len(items)))
-    remote = ray.remote(num_cpus=num_cpus)(actor_cls)
-    refs = tuple(ray.put(a) if not isinstance(a, str | int | float | dict) else a for a in init_args)
-    actors = [remote.remote(*refs) for _ in range(n_actors)]
-    try:
-        parts = ray.get([a.run.remote(items[i::n_actors]) for i, a in enumerate(actors)])
-    finally:
-        for a in actors:
+    def __init__(self, actor_cls, init_args: tuple, n_actors: int, num_cpus: float):
+        import ray
+
+        remote = ray.remote(num_cpus=num_cpus)(actor_cls)
+        refs = tuple(ray.put(a) if not isinstance(a, str | int | float) else a for a in init_args)
+        self.actors = [remote.remote(*refs) for _ in range(max(1, n_actors))]
+
+    def map(self, items: list) -> list:
+        """Results of `run` in the order of `items`."""
+        import ray
+
+        n = len(self.actors)
+        parts = ray.get([a.run.remote(items[i::n]) for i, a in enumerate(self.actors) if items[i::n]])
+        out = [None] * len(items)
+        for i, part in enumerate(parts):
+            for j, r in enumerate(part):
+                out[i + j * n] = r
+        return out
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
             ray.kill(a)
-    out = [None] * len(items)
-    for i, part in enumerate(parts):
-        for j, r in enumerate(part):
-            out[i + j * n_actors] = r
-    return out
+        self.actors = []
 
 
-def run_profile(actor_cls, model_address: str, data, quant: dict, n_layers: int, n_actors: int, num_cpus: float):
-    """Distribute the N * 9 single-layer probes over `n_actors` actors of `actor_cls` -> Profile."""
+def run_profile(pool: WorkerPool, n_layers: int) -> Profile:
+    """The N * 9 single-layer probes on the pool's calibration data -> Profile."""
     from workers.kvcache.actors import profile_jobs
 
-    rows = run_items(actor_cls, (model_address, data, quant), profile_jobs(n_layers), n_actors, num_cpus)
-    return assemble(rows, n_layers)
+    return assemble(pool.map(profile_jobs(n_layers)), n_layers)

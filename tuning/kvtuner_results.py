@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tuning.kvtuner_profile import run_items
 from tuning.kvtuner_report import markdown_table, paired
 from tuning.kvtuner_space import equivalent_bits, parse_pair
 
@@ -21,9 +20,8 @@ def _bits(map_str: str | None) -> float:
     return 16.0 if map_str is None else equivalent_bits([parse_pair(x) for x in map_str.split(",")])
 
 
-def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: int, data, work: Path) -> dict:
+def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: int, pool, data, work: Path) -> dict:
     """chosen {budget: search row with "map"} -> {"metrics", "rows", "comparisons"}; files under work/out*."""
-    from workers.kvcache.actors import MapWorker
     from workers.kvcache.config import KVQuantConfig
 
     uni = lambda b: ",".join([parse_pair(b).name] * n_layers)
@@ -34,8 +32,7 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
         named[f"kvtuner_b{b}"] = row["map"]
         named[f"reversed_b{b}"] = ",".join(reversed(row["map"].split(",")))
     distinct = list(dict.fromkeys(named.values()))
-    items = [(str(m), m) for m in distinct]
-    res = run_items(MapWorker, (cfg.model, data, cfg.quant(), True), items, cfg.actors, cfg.cpus_per_actor)
+    res = pool.map([{"op": "task", "map": m, "data": "report"} for m in distinct])
     by_map = dict(zip(distinct, res))
 
     rows = []

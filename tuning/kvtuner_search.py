@@ -77,22 +77,15 @@ class SpaceSpec:
         return n
 
 
-class BudgetConstraint:
-    """Optuna constraints_func: feasible iff equivalent bits <= budget (value <= 0)."""
-
-    def __init__(self, spec: SpaceSpec):
-        self.spec = spec
-
-    def __call__(self, trial) -> list[float]:
-        return [self.spec.bits(trial.params) - self.spec.budget]
-
-
 def make_optuna_search(spec: SpaceSpec, seed: int, population: int, points: list[dict]):
-    """OptunaSearch with an NSGA-II sampler that knows the budget constraint."""
+    """OptunaSearch with an NSGA-II sampler; the budget constraint is set on each trial when it is told.
+
+    (Constraint-aware NSGA-II ranks every feasible map above every infeasible one.)
+    """
     from optuna.samplers import NSGAIISampler
     from ray.tune.search.optuna import OptunaSearch
 
-    sampler = NSGAIISampler(population_size=population, seed=seed, constraints_func=BudgetConstraint(spec))
+    sampler = NSGAIISampler(population_size=population, seed=seed)
     return OptunaSearch(
         space=spec.optuna_space(),
         metric=list(METRICS),
@@ -109,7 +102,7 @@ class GuardedSearcher(Searcher):
     metrics of its one evaluation.
     """
 
-    def __init__(self, inner, spec: SpaceSpec, max_resample: int = 500):
+    def __init__(self, inner, spec: SpaceSpec, max_resample: int = 100):
         super().__init__(metric=list(METRICS), mode=list(MODES))
         self.inner = inner
         self.spec = spec
@@ -123,6 +116,13 @@ class GuardedSearcher(Searcher):
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
 
+    def _tell(self, inner_id: str, bits: float, result: dict | None, error: bool = False) -> None:
+        # OptunaSearch keeps its Optuna trials by id; the constraint must be set before `tell`.
+        trial = getattr(self.inner, "_ot_trials", {}).get(inner_id)
+        if trial is not None:
+            trial.set_constraint("bits_over_budget", bits - self.spec.budget)
+        self.inner.on_trial_complete(inner_id, result, error=error)
+
     def suggest(self, trial_id: str):
         for _ in range(self.max_resample):
             self._n += 1
@@ -134,15 +134,15 @@ class GuardedSearcher(Searcher):
             bits = self.spec.bits(config)
             if bits > self.spec.budget + 1e-9:
                 self.stats["rejected_infeasible"] += 1
-                self.inner.on_trial_complete(inner_id, {"damage": INFEASIBLE_DAMAGE, "bits": bits})
+                self._tell(inner_id, bits, {"damage": INFEASIBLE_DAMAGE, "bits": bits})
                 continue
             if key in self.results:
                 self.stats["cache_hits"] += 1
-                self.inner.on_trial_complete(inner_id, self.results[key])
+                self._tell(inner_id, bits, self.results[key])
                 continue
             if key in self.in_flight:
                 self.stats["cache_hits"] += 1
-                self.inner.on_trial_complete(inner_id, None)
+                self._tell(inner_id, bits, None)
                 continue
             self.pending[trial_id] = (inner_id, key)
             self.in_flight.add(key)
@@ -155,12 +155,13 @@ class GuardedSearcher(Searcher):
             return
         inner_id, key = self.pending.pop(trial_id)
         self.in_flight.discard(key)
+        bits = self.spec.bits(dict(zip(self.spec._params, key)))
         if result and not error:
             metrics = {m: float(result[m]) for m in METRICS}
             self.results[key] = metrics
-            self.inner.on_trial_complete(inner_id, metrics)
+            self._tell(inner_id, bits, metrics)
         else:
-            self.inner.on_trial_complete(inner_id, None, error=True)
+            self._tell(inner_id, bits, None, error=True)
 
     def save(self, checkpoint_path: str):
         state = {k: v for k, v in self.__dict__.items() if k != "inner"}

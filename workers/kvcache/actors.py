@@ -1,7 +1,7 @@
-"""What runs inside Ray workers for the KVTuner search: profile actors and the Tune trainable.
+"""What runs inside Ray workers for the KVTuner search: the evaluation actor and the Tune trainable.
 
 Both load the model once (`load_any`: `runs:/...`, a checkpoint directory, or `hf:<dir>`),
-compute the full-precision reference log-probabilities once, and then evaluate many
+compute full-precision reference log-probabilities once per data set, and then evaluate many
 precision settings on the same tokens. They return numbers; the driver writes MLflow.
 """
 
@@ -17,79 +17,60 @@ from workers.kvcache.config import KVQuantConfig
 from workers.kvcache.evaluate import EvalData, cache_factory, logprobs, proxy_metrics, summary, task_metric
 
 
-class _Evaluator:
-    """Model + calibration data + reference log-probs, loaded once per worker."""
+class KVWorker:
+    """Ray actor holding the model and named data sets; `run(items)` evaluates a list of jobs.
 
-    def __init__(self, model_address: str, data: EvalData, quant: dict, batch_size: int = 32):
+    Items (dicts):
+    - {"op": "probe", "layer": l, "pair": "K8V4", "data": "calib"}: only layer l quantized
+      (the sensitivity profile; one prefill + one continuation pass per batch);
+    - {"op": "proxy", "map": "K8V4,KV4,...", "data": "calib"}: KL / NLL vs full precision;
+    - {"op": "task", "map": "..." or None, "data": "report"}: the task metric (continuation
+      NLL or exact match) with per-example values; map None = full precision.
+    """
+
+    def __init__(self, model_address: str, datasets: dict[str, EvalData], quant: dict, batch_size: int = 32):
         torch.manual_seed(0)
         self.model = load_any(model_address)
         self.n_layers = self.model.cfg.n_layers
-        self.data, self.quant, self.batch_size = data, dict(quant), batch_size
-        self.ref = logprobs(self.model, data, cache_factory(None, self.n_layers), batch_size)
+        self.datasets, self.quant, self.batch_size = datasets, dict(quant), batch_size
+        self._ref: dict[str, torch.Tensor] = {}
+
+    def ref(self, name: str) -> torch.Tensor:
+        if name not in self._ref:
+            make = cache_factory(None, self.n_layers)
+            self._ref[name] = logprobs(self.model, self.datasets[name], make, self.batch_size)
+        return self._ref[name]
 
     def config(self, layers) -> KVQuantConfig:
         return KVQuantConfig(tuple(layers), **self.quant)
 
-    def evaluate(self, layers, only_layer: int | None = None) -> dict:
-        cfg = self.config(layers)
-        lp = logprobs(self.model, self.data, cache_factory(cfg, self.n_layers, "fake", only_layer), self.batch_size)
-        return proxy_metrics(self.ref, lp, self.data)
+    def proxy(self, layers, data: str, only_layer: int | None = None) -> dict:
+        d = self.datasets[data]
+        make = cache_factory(self.config(layers), self.n_layers, "fake", only_layer)
+        return proxy_metrics(self.ref(data), logprobs(self.model, d, make, self.batch_size), d)
 
-
-class ProfileWorker:
-    """Ray actor: `run(jobs)` with jobs [(layer, 'K8V4'), ...] -> one metrics dict per job.
-
-    A job quantizes that layer only (all others full precision) with the given pair; one
-    prefill + one continuation pass per calibration batch.
-    """
-
-    def __init__(self, model_address: str, data: EvalData, quant: dict, batch_size: int = 32):
-        self.ev = _Evaluator(model_address, data, quant, batch_size)
-
-    def n_layers(self) -> int:
-        return self.ev.n_layers
-
-    def run(self, jobs: list[tuple[int, str]]) -> list[dict]:
+    def run(self, items: list[dict]) -> list[dict]:
         out = []
-        for layer, pair in jobs:
-            p = parse_pair(pair)
-            m = self.ev.evaluate([p] * self.ev.n_layers, only_layer=layer)
-            out.append({"layer": layer, "pair": p.name, "damage": m["damage"], "nll": m["nll"], "exact": m["exact"]})
+        for it in items:
+            op, data = it["op"], it.get("data", "calib")
+            if op == "probe":
+                p = parse_pair(it["pair"])
+                m = self.proxy([p] * self.n_layers, data, only_layer=it["layer"])
+                out.append({"layer": it["layer"], "pair": p.name, **{k: m[k] for k in ("damage", "nll", "exact")}})
+            elif op == "proxy":
+                m = self.proxy(it["map"].split(","), data)
+                out.append({"map": it["map"], **{k: m[k] for k in ("damage", "nll", "exact")}})
+            elif op == "task":
+                cfg = None if it["map"] is None else self.config(it["map"].split(","))
+                r = task_metric(self.model, self.datasets[data], cfg, self.n_layers, self.batch_size)
+                out.append({"map": it["map"], **summary(r), "per_example": [float(x) for x in r.per_example]})
+            else:
+                raise ValueError(f"unknown KVWorker op {op!r}")
         return out
 
 
-class MapWorker:
-    """Ray actor: `run(items)` with items [(name, "K8V4,KV4,..." or None for full precision), ...].
-
-    With `task=False`: proxy metrics (KL, NLL vs full precision) on the data; with `task=True`:
-    the task metric (continuation NLL or exact match) with per-example values.
-    """
-
-    def __init__(self, model_address: str, data: EvalData, quant: dict, task: bool = True, batch_size: int = 32):
-        self.task = task
-        if task:
-            torch.manual_seed(0)
-            self.model = load_any(model_address)
-            self.n_layers, self.data, self.quant = self.model.cfg.n_layers, data, dict(quant)
-            self.batch_size = batch_size
-        else:
-            self.ev = _Evaluator(model_address, data, quant, batch_size)
-
-    def run(self, items: list[tuple[str, str | None]]) -> list[dict]:
-        out = []
-        for name, layers in items:
-            if not self.task:
-                m = self.ev.evaluate(layers.split(","))
-                out.append({"name": name, "damage": m["damage"], "nll": m["nll"], "exact": m["exact"]})
-                continue
-            cfg = None if layers is None else KVQuantConfig(tuple(layers.split(",")), **self.quant)
-            r = task_metric(self.model, self.data, cfg, self.n_layers, self.batch_size)
-            out.append({"name": name, **summary(r), "per_example": [float(x) for x in r.per_example]})
-        return out
-
-
-def profile_jobs(n_layers: int) -> list[tuple[int, str]]:
-    return [(layer, p.name) for layer in range(n_layers) for p in PAIRS]
+def profile_jobs(n_layers: int, data: str = "calib") -> list[dict]:
+    return [{"op": "probe", "layer": layer, "pair": p.name, "data": data} for layer in range(n_layers) for p in PAIRS]
 
 
 class KVTrial(tune.Trainable):
@@ -101,7 +82,7 @@ class KVTrial(tune.Trainable):
 
     def setup(self, config, model_address=None, data=None, quant=None, spec: SpaceSpec | None = None, batch_size=32):
         self.spec = spec
-        self.ev = _Evaluator(model_address, data, quant, batch_size)
+        self.worker = KVWorker(model_address, {"calib": data}, quant, batch_size)
 
     def reset_config(self, new_config) -> bool:
         self.config = new_config
@@ -116,7 +97,7 @@ class KVTrial(tune.Trainable):
 
     def step(self) -> dict:
         layers = self.spec.layer_map(self.config)
-        m = self.ev.evaluate(layers)
+        m = self.worker.proxy(layers, "calib")
         return {
             "damage": m["damage"],
             "nll": m["nll"],
