@@ -234,6 +234,13 @@ def main() -> None:
     p.add_argument("--indexer-lengths", type=int, nargs="+", default=[2048, 4096], help="L for the indexer rows")
     p.add_argument("--decode-length", type=int, default=8192, help="cache length S for the decode rows")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=["attention", "decode", "indexer"],
+        default=["attention", "decode", "indexer"],
+        help="which CPU comparisons to run",
+    )
     p.add_argument("--gpu-smoke", action="store_true", help="run the GPU section on CPU at tiny shapes (interpreter)")
     p.add_argument("--no-mlflow", action="store_true", help="print only; do not log an MLflow run")
     p.add_argument("--out", default="artifacts/bench_kernels.json", help="where to write the JSON results")
@@ -253,9 +260,12 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         ceilings = gpu_section(rows, "cpu", small=True, repeats=1)
     else:
-        cpu_attention(rows, args.lengths, args.topk, args.repeats)
-        cpu_decode(rows, args.decode_length, args.repeats)
-        cpu_indexer(rows, args.indexer_lengths, args.repeats)
+        if "attention" in args.sections:
+            cpu_attention(rows, args.lengths, args.topk, args.repeats)
+        if "decode" in args.sections:
+            cpu_decode(rows, args.decode_length, args.repeats)
+        if "indexer" in args.sections:
+            cpu_indexer(rows, args.indexer_lengths, args.repeats)
         if torch.cuda.is_available():
             ceilings = gpu_section(rows, "cuda", small=False, repeats=args.repeats)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"

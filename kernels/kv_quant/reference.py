@@ -165,7 +165,10 @@ def quantize_codes(x: torch.Tensor, bits: int, rt: int, rc: int) -> tuple[torch.
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rt: int, rc: int) -> torch.Tensor:
     """codes [B, S, H, Dh] -> x_hat [B, S, H, Dh] fp32 = code * scale + min of its group."""
-    dh = codes.shape[-1]
+    b, s, h, dh = codes.shape
+    if dh % rc == 0 and s % rt == 0:  # broadcast the group statistics instead of materialising them
+        c = codes.view(b, s // rt, rt, h, dh // rc, rc).float()
+        return (c * scale[:, :, None, :, :, None] + zero[:, :, None, :, :, None]).view(b, s, h, dh)
     sc = scale.repeat_interleave(rt, dim=1).repeat_interleave(rc, dim=3)[..., :dh]
     zr = zero.repeat_interleave(rt, dim=1).repeat_interleave(rc, dim=3)[..., :dh]
     return codes.float() * sc + zr
