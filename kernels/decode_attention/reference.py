@@ -19,7 +19,8 @@ import torch
 
 from kernels.kv_quant.reference import PackedKV, unpack_dequantize
 
-DEFAULT_BLOCK = 1024
+# Elements of the largest per-block intermediate (dequantized K or V, or the scores).
+DEFAULT_BUDGET = 1 << 22
 
 
 def _partial(qg, k, v, vis, scale):
@@ -64,16 +65,21 @@ def decode_attention(
     win_pos: torch.Tensor | None,
     q_pos: torch.Tensor,
     scale: float | None = None,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
 ) -> torch.Tensor:
     """q [B, T, H, Dh], packed K/V with Sq slots, packed_pos [B, Sq], k_win/v_win [B, W, Hkv, Dh],
     win_pos [B, W], q_pos [B, T] -> [B, T, H, Dh] in q's dtype. A query that sees nothing gets 0.
+
+    `block` packed slots are dequantized at a time; by default as many as keep the per-block
+    intermediates under DEFAULT_BUDGET elements (few large blocks: fewer ops per decode step).
     """
     b, t, h, dh = q.shape
     hkv = k_packed.codes.shape[2]
     scale = 1.0 / math.sqrt(dh) if scale is None else float(scale)
     qg = q.float().view(b, t, hkv, h // hkv, dh)
     sq = k_packed.length
+    if block is None:
+        block = max(1, DEFAULT_BUDGET // max(1, b * hkv * max(dh, t * (h // hkv))))
     step = max(block - block % max(k_packed.rt, v_packed.rt, 1), max(k_packed.rt, v_packed.rt))
     acc = None
     for s0 in range(0, sq, step):
