@@ -154,11 +154,12 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def mark_expert_param(p: torch.nn.Parameter) -> torch.nn.Parameter:
+def mark_expert_param(p: torch.nn.Parameter, ep_size: int) -> torch.nn.Parameter:
     """Tag a parameter as expert-local: its gradient is reduced over its replicas only."""
     p.expert_parallel = True
-    # DeepSpeed's name for the same fact, so its engines leave the tensor alone as well
+    # DeepSpeed's names for the same fact, so a DeepSpeed engine treats it as an expert too
     p.allreduce = False
+    p.group_name = f"ep_size_{ep_size}"
     return p
 
 

@@ -70,7 +70,7 @@ class MoEFFN(nn.Module):
             full = getattr(self, name)
             if full.shape[0] != E:
                 raise ValueError(f"{name} is already sharded ({full.shape[0]} of {E} experts)")
-            setattr(self, name, mark_expert_param(nn.Parameter(full.detach()[lo : lo + el].clone())))
+            setattr(self, name, mark_expert_param(nn.Parameter(full.detach()[lo : lo + el].clone()), ep))
         self.ep = groups
         self.router.ep_group = groups.ep_group
 
