@@ -132,13 +132,14 @@ def fit(tc: TrainConfig, run_id: str, corpus, resume_dir: Path | None, extra: di
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from workers.moe.train_loop import moe_train_loop, needs_moe_loop
     from workers.ray_utils import init_ray
     from workers.training.loop import train_loop
 
     init_ray()
     use_gpu = torch.cuda.is_available()
     trainer = TorchTrainer(
-        train_loop,
+        moe_train_loop if needs_moe_loop(tc) else train_loop,
         train_loop_config={
             "train": tc.to_dict(),
             "run_id": run_id,
