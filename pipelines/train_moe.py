@@ -15,6 +15,7 @@ The trained model is the MLflow artifact ``model`` (address ``runs:/<run_id>/mod
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -117,6 +118,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return tc.replace(**changes)
 
 
+def config_sha(tc: TrainConfig, corpus_sha: str) -> str:
+    """Identity of a training setup: same config on the same corpus = same model (reusable)."""
+    blob = json.dumps({"train": tc.to_dict(), "corpus": corpus_sha}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def find_trained(tc: TrainConfig, experiment: str = "calibray") -> str | None:
+    """The newest FINISHED run that trained exactly this config on this corpus, if any."""
+    from mlflow.tracking import MlflowClient
+
+    exp_id = tracking.setup(experiment)
+    sha = config_sha(tc, load_corpus(tc.corpus).sha256)
+    runs = MlflowClient(tracking.tracking_uri()).search_runs(
+        [exp_id],
+        filter_string=f"tags.config_sha = '{sha}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def latest_checkpoint(run_id: str) -> Path | None:
     """The newest checkpoint directory a run's trainer left under artifacts/ray_results."""
     best, best_step = None, -1
@@ -178,7 +200,7 @@ def run(
     corpus = load_corpus(tc.corpus)
     write_shards(corpus, ARTIFACTS / "data")
     resume_dir = None
-    tags = {"corpus_sha256": corpus.sha256, "preset": tc.preset}
+    tags = {"corpus_sha256": corpus.sha256, "preset": tc.preset, "config_sha": config_sha(tc, corpus.sha256)}
     if resume:
         tracking.setup(experiment)
         tracking.mark_failed_if_running(resume)

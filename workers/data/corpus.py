@@ -110,12 +110,35 @@ def _file_documents(path: Path) -> list[str]:
     raise CorpusError(f"corpus={str(path)!r}: unsupported suffix {suffix!r} (use .txt, .jsonl or .parquet)")
 
 
+def _dedupe_paragraphs(docs: list[str]) -> list[str]:
+    """Drop every paragraph already seen in an earlier document.
+
+    Text shared by two documents in two splits would leak held-out text into training:
+    pydoc_data.topics holds one topic twice and repeats long passages across topics.
+    """
+    seen: dict[str, None] = {}
+    out = []
+    for doc in docs:
+        kept = []
+        for para in doc.split("\n\n"):
+            key = para.strip()
+            if key and key in seen:
+                continue
+            seen[key] = None
+            kept.append(para)
+        text = "\n\n".join(kept)
+        if text.strip():
+            out.append(text)
+    return out
+
+
 def load_corpus(source: str = "pydoc", split: SplitConfig | None = None) -> Corpus:
     """Load and split a corpus. ``source``: "pydoc" (default) or a path to .txt/.jsonl/.parquet."""
     split = split or SplitConfig()
     docs = _default_documents() if source == "pydoc" else _file_documents(Path(source))
     if not docs:
         raise CorpusError(f"corpus={source!r}: no documents")
+    docs = _dedupe_paragraphs(docs)
     full = "\n\n".join(docs).encode("utf-8")
     order = list(range(len(docs)))
     random.Random(split.seed).shuffle(order)

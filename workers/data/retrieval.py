@@ -48,7 +48,7 @@ class RetrievalConfig:
             )
         if self.min_queries > self.min_records:
             raise RetrievalError(f"min_queries={self.min_queries}: cannot exceed min_records={self.min_records}")
-        need = self.max_records * RECORD_LEN + min(self.max_queries, self.max_records) * (RECORD_LEN - 1) + 8
+        need = self.max_records * RECORD_LEN + min(self.max_queries, self.max_records) * (RECORD_LEN - 1) + 4
         if self.length < need:
             raise RetrievalError(
                 f"length={self.length}: too short for {self.max_records} records and "

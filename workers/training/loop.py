@@ -83,6 +83,10 @@ def train_step(model, opt, tc: TrainConfig, x: torch.Tensor, step: int):
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     opt.step()
+    if tc.model.moe is not None:
+        from workers.moe.distributed import balancing_step
+
+        balancing_step(model)  # routers close the step: the loss-free bias moves once per step
     return out, ce, gnorm, attn
 
 

@@ -1,0 +1,87 @@
+"""Session-wide fixtures: one local Ray cluster, an isolated MLflow store, trained tiny models.
+
+Every test session tracks into its own temporary SQLite file (set before Ray starts, so Ray
+workers inherit it) and never touches the repository's mlruns.db.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="calibray-tests-"))
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlruns.db'}"
+os.environ.pop("RAY_ADDRESS", None)  # tests never join a stray cluster
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri() -> str:
+    return os.environ["MLFLOW_TRACKING_URI"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process Ray cluster for the whole session (loopback only)."""
+    import ray
+
+    from workers.ray_utils import init_ray
+
+    init_ray(num_cpus=4)  # logical CPUs: lets fractional actors and 2 train workers coexist on 2 cores
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    from workers.data.corpus import load_corpus
+
+    return load_corpus()
+
+
+def _train_tiny(corpus, **changes):
+    from workers.training.config import tiny
+    from workers.training.loop import train_local
+
+    tc = tiny().replace(**changes)
+    model, losses = train_local(tc, corpus.tokens("train"), corpus.train)
+    return tc, model, losses
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(corpus):
+    """(TrainConfig, trained tiny DSA-MoE CalibLM, per-step training losses), trained once."""
+    return _train_tiny(corpus)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_trained, session_dir) -> Path:
+    """Directory checkpoint of the trained tiny DSA-MoE model (config.json + model.safetensors)."""
+    from workers.model import checkpoint
+
+    return checkpoint.save(tiny_trained[1], session_dir / "tiny_model")
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_trained(corpus):
+    """A trained tiny dense Llama-shaped model (no indexer, no MoE): exportable to HF."""
+    from workers.model.presets import tiny
+
+    return _train_tiny(corpus, model=tiny().replace(indexer=None, moe=None), dense_warmup_steps=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_checkpoint(tiny_dense_trained, session_dir) -> Path:
+    from workers.model import checkpoint
+
+    return checkpoint.save(tiny_dense_trained[1], session_dir / "tiny_dense_model")

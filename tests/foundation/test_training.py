@@ -1,0 +1,84 @@
+"""Training: the loss falls; the Ray Train pipeline logs params, metrics and the model to MLflow;
+a crashed run ends FAILED with what it logged, and --resume continues from its last checkpoint."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines import train_moe
+from workers import tracking
+from workers.model import checkpoint
+from workers.model.config import ConfigError
+from workers.training.config import tiny
+
+
+def test_tiny_training_loss_falls(tiny_trained):
+    _, _, losses = tiny_trained
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.8, (first, last)
+
+
+def test_pipeline_logs_params_metrics_and_model(ray_local, mlflow_uri, tmp_path):
+    tc = tiny().replace(steps=12, num_workers=2, cpus_per_worker=0.5, log_every=2, ckpt_every=6, eval_windows=8)
+    run_id = train_moe.run(tc, experiment="test-train")
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "12" and run.data.params["model.n_layers"] == "4"
+    assert len(run.data.tags["corpus_sha256"]) == 64 and run.data.tags["pipeline"] == "train_moe"
+    history = MlflowClient(mlflow_uri).get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]
+    for key in ("heldout_bpb", "unigram_bpb", "heldout_dense_bpb", "heldout_random_k_bpb", "maxvio"):
+        assert key in run.data.metrics, key
+    model = checkpoint.load(f"runs:/{run_id}/model")
+    assert model.cfg == tc.model
+
+
+def test_crashed_run_ends_failed_and_resume_finishes(ray_local, mlflow_uri, tmp_path):
+    tc = tiny().replace(steps=12, ckpt_every=4, log_every=2, max_failures=0, eval_windows=8, cpus_per_worker=0.5)
+    extra = {"crash_at_step": 6, "crash_marker": str(tmp_path / "crashed")}
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker death in its own error types
+        train_moe.run(tc, experiment="test-resume", extra=extra)
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("test-resume")
+    (failed,) = client.search_runs([exp.experiment_id])
+    assert failed.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(failed.info.run_id, "train_loss")] == [2, 4, 6]
+    assert train_moe.latest_checkpoint(failed.info.run_id) is not None
+    resumed = train_moe.run(tc, experiment="test-resume", resume=failed.info.run_id)
+    run = client.get_run(resumed)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from"] == failed.info.run_id
+    steps = [m.step for m in client.get_metric_history(resumed, "train_loss")]
+    assert steps == [6, 8, 10, 12]  # continued from the step-4 checkpoint, not from scratch
+
+
+def test_worker_killed_mid_run_is_replaced_and_training_finishes(ray_local, mlflow_uri, tmp_path):
+    tc = tiny().replace(steps=8, ckpt_every=4, log_every=4, max_failures=1, eval_windows=8, cpus_per_worker=0.5)
+    marker = tmp_path / "killed"
+    run_id = train_moe.run(tc, experiment="test-ft", extra={"crash_at_step": 6, "crash_marker": str(marker)})
+    assert marker.exists()
+    assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_start_run_marks_failed_and_keeps_what_was_logged(mlflow_uri):
+    with pytest.raises(RuntimeError, match="boom"), tracking.start_run("unit", experiment="test-failed") as run:
+        mlflow.log_metric("x", 1.0)
+        raise RuntimeError("boom")
+    r = MlflowClient(mlflow_uri).get_run(run.info.run_id)
+    assert r.info.status == "FAILED" and r.data.metrics["x"] == 1.0
+
+
+def test_bad_cli_values_fail_before_any_work():
+    with pytest.raises(ConfigError, match="seq_len=4096"):
+        train_moe.config_from_args(train_moe.build_parser().parse_args(["--seq-len", "4096"]))
+    with pytest.raises(ConfigError, match="ep_size=3"):
+        train_moe.config_from_args(train_moe.build_parser().parse_args(["--workers", "2", "--ep-size", "3"]))
+    with pytest.raises(ConfigError, match="indexer.topk=0"):
+        train_moe.config_from_args(train_moe.build_parser().parse_args(["--topk", "0"]))
+
+
+def test_tracking_uri_refuses_file_stores(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
+    with pytest.raises(tracking.TrackingError, match="file:///tmp/mlruns"):
+        tracking.tracking_uri()
