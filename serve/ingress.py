@@ -6,9 +6,10 @@
 Every client error is a 4xx with an OpenAI-style body ``{"error": {"message", "type", "param"}}``
 whose ``param`` names the offending field. A replica that dies before a request's first event
 is retried on another replica, so one replica's death does not fail requests routed to it.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: FastAPI must see the real request type on the
+methods Serve wraps, or it would read the body model as a query parameter.
+"""
 
 import asyncio
 import json

@@ -1,52 +1,20 @@
-"""Fixtures for the serving tests: a tiny checkpoint and calibrated-config files.
-
-The tiny preset (DSA indexer, MoE FFN, 4 layers) is trained for a few steps so its outputs are
-not uniform noise; it is saved once per session as a real checkpoint directory.
-"""
+"""Fixtures for the serving tests: the session's tiny model, calibrated-config files, and one
+real Ray Serve instance (HTTP proxy on 127.0.0.1) with a full-cache and a calibrated app."""
 
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
-import torch
-
-from workers.model import checkpoint
-from workers.model.presets import tiny
-from workers.model.transformer import CalibLM, lm_loss
-
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
-    "Ray Serve replicas answer completions; calibrated caches keep fewer bytes. "
-) * 8
-
-
-def _train_tiny(steps: int = 12) -> CalibLM:
-    torch.manual_seed(0)
-    model = CalibLM(tiny())
-    data = torch.tensor(list(TEXT.encode()), dtype=torch.long)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - 49, (4,), generator=g)
-        batch = torch.stack([data[s : s + 48] for s in starts])
-        loss = lm_loss(model(batch, attn="dense").logits, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+import requests
 
 
 @pytest.fixture(scope="session")
-def tiny_model() -> CalibLM:
-    return _train_tiny()
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tiny_model, tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("serve_ckpt") / "tiny"
-    checkpoint.save(tiny_model, d)
-    return str(d)
+def tiny_model(tiny_trained):
+    """The session's trained tiny DSA-MoE CalibLM (tests/conftest.py), in eval mode."""
+    return tiny_trained[1].eval()
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +53,55 @@ def calib_files(tmp_path_factory) -> dict[str, str]:
         p.write_text(json.dumps(body))
         out[name] = str(p)
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 120.0) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            if requests.get(f"{url}/v1/models", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become ready in {timeout}s")
+
+
+SMALL = dict(replica_cpus=0.25, ingress_cpus=0.05, torch_threads=1, max_tokens_limit=32, health_check_period_s=1.0)
+
+
+@pytest.fixture(scope="session")
+def serve_urls(ray_local, tiny_checkpoint, calib_files):
+    """{"full": base URL of the full-cache app (2 replicas), "cal": the calibrated app (1 replica)}."""
+    from ray import serve
+
+    from serve.app import build
+    from serve.config import ServeArgs
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    full = ServeArgs(model=str(tiny_checkpoint), name="tiny", num_replicas=2, **SMALL)
+    cal = ServeArgs(
+        model=str(tiny_checkpoint),
+        name="tiny",
+        kv_precision=calib_files["kv_precision"],
+        prefixkv=calib_files["prefixkv"],
+        keep_ratio=0.5,
+        indexcache=calib_files["indexcache"],
+        retention=0.5,
+        **SMALL,
+    )
+    serve.run(build(full), name="full", route_prefix="/full", blocking=False)
+    serve.run(build(cal), name="cal", route_prefix="/cal", blocking=False)
+    urls = {"full": f"{base}/full", "cal": f"{base}/cal"}
+    for u in urls.values():
+        wait_ready(u)
+    yield urls
+    serve.shutdown()

@@ -1,0 +1,152 @@
+"""The HTTP API on a real Ray Serve instance (127.0.0.1): round trips, validation, seeds,
+greedy equivalence, calibrated KV bytes, and surviving the death of a replica."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+from test_serve_engine import offline_greedy
+
+GOOD = {"model": "tiny", "prompt": "The quick", "max_tokens": 8, "temperature": 0.0}
+
+
+def post(url: str, body=None, raw: str | None = None, **kw) -> requests.Response:
+    if raw is not None:
+        return requests.post(
+            f"{url}/v1/completions", data=raw, headers={"content-type": "application/json"}, timeout=60
+        )
+    return requests.post(f"{url}/v1/completions", json=body, timeout=60, **kw)
+
+
+def sse_events(resp: requests.Response) -> list:
+    events = []
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_models_lists_the_served_model(serve_urls):
+    full = requests.get(f"{serve_urls['full']}/v1/models", timeout=30).json()
+    cal = requests.get(f"{serve_urls['cal']}/v1/models", timeout=30).json()
+    assert [m["id"] for m in full["data"]] == ["tiny"]
+    assert full["data"][0]["max_context"] == 128
+    assert cal["data"][0]["calibration"]["pattern"] == "FSFS"
+    assert cal["data"][0]["calibration"]["keep_ratio"] == "0.5"
+
+
+def test_completion_round_trip(serve_urls):
+    r = post(serve_urls["full"], GOOD)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length"
+    u = body["usage"]
+    assert u["prompt_tokens"] == len(b"The quick") and u["completion_tokens"] == 8
+    assert u["total_tokens"] == u["prompt_tokens"] + 8 and u["kv_cache_bytes"] > 0
+
+
+def test_streaming_round_trip_matches_whole_completion(serve_urls):
+    body = {**GOOD, "temperature": 0.8, "seed": 5, "max_tokens": 12}
+    whole = post(serve_urls["full"], body).json()
+    with post(serve_urls["full"], {**body, "stream": True}, stream=True) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+BAD = [
+    ({**GOOD, "prompt": ""}, 400, "prompt"),
+    ({**GOOD, "prompt": "x" * 200}, 400, "prompt"),
+    ({**GOOD, "prompt": "x" * 120, "max_tokens": 20}, 400, "max_tokens"),
+    ({**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ({**GOOD, "max_tokens": 100}, 400, "max_tokens"),
+    ({**GOOD, "max_tokens": "8"}, 400, "max_tokens"),
+    ({**GOOD, "temperature": -0.5}, 400, "temperature"),
+    ({**GOOD, "temperature": "hot"}, 400, "temperature"),
+    ({**GOOD, "top_p": 0.0}, 400, "top_p"),
+    ({**GOOD, "top_p": 1.5}, 400, "top_p"),
+    ({**GOOD, "seed": -1}, 400, "seed"),
+    ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({**GOOD, "stream": "yes"}, 400, "stream"),
+    ({k: v for k, v in GOOD.items() if k != "prompt"}, 400, "prompt"),
+    ({**GOOD, "model": "gpt-4"}, 404, "model"),
+    ('{"model": "tiny", "prompt": ', 400, "body"),
+    ("[1, 2]", 400, "body"),
+]
+
+
+@pytest.mark.parametrize("bad,status,param", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_4xx_naming_the_field_then_good_request_succeeds(serve_urls, bad, status, param):
+    url = serve_urls["full"]
+    r = post(url, raw=bad) if isinstance(bad, str) else post(url, bad)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    assert param in err["message"] or param == "body"
+    assert post(url, GOOD).status_code == 200
+
+
+def test_same_seed_same_text(serve_urls):
+    body = {**GOOD, "temperature": 1.0, "top_p": 0.9, "max_tokens": 16}
+    a = post(serve_urls["full"], {**body, "seed": 123}).json()["choices"][0]["text"]
+    b = post(serve_urls["full"], {**body, "seed": 123}).json()["choices"][0]["text"]
+    c = post(serve_urls["full"], {**body, "seed": 124}).json()["choices"][0]["text"]
+    assert a == b
+    assert a != c
+
+
+def test_greedy_over_http_equals_offline_generation(serve_urls, tiny_model):
+    for prompt in ("The quick", "Ray"):
+        text = post(serve_urls["full"], {**GOOD, "prompt": prompt, "max_tokens": 10}).json()["choices"][0]["text"]
+        ref = offline_greedy(tiny_model, list(prompt.encode()), 10)
+        assert text == bytes(ref).decode("utf-8", errors="replace")
+
+
+def test_calibrated_deployment_holds_fewer_kv_bytes(serve_urls):
+    body = {**GOOD, "prompt": "The quick brown fox jumps over the lazy dog. " * 2, "max_tokens": 16}
+    full = post(serve_urls["full"], body).json()["usage"]
+    cal = post(serve_urls["cal"], body).json()["usage"]
+    assert cal["prompt_tokens"] == full["prompt_tokens"] and cal["completion_tokens"] == 16
+    assert cal["kv_cache_bytes"] < 0.6 * full["kv_cache_bytes"]
+
+
+def _replica_actors(app: str) -> list[str]:
+    """Names of the live Model replica actors of one app (Serve names them SERVE_REPLICA::app#Model#id)."""
+    import ray
+
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{app}#Model#")
+    )
+
+
+def test_killing_one_replica_leaves_the_app_answering(serve_urls):
+    import ray
+
+    names = _replica_actors("full")
+    assert len(names) == 2
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    # Right away: the other replica (or a retry on it) answers every request.
+    for _ in range(4):
+        assert post(serve_urls["full"], GOOD).status_code == 200
+    # Then Serve replaces the dead replica, and the app still answers.
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        alive = _replica_actors("full")
+        if len(alive) == 2 and names[0] not in alive:
+            break
+        time.sleep(1)
+    assert len(alive) == 2 and names[0] not in alive
+    assert post(serve_urls["full"], GOOD).status_code == 200
