@@ -1,0 +1,183 @@
+"""MoE benchmarks: ratios measured in one run, logged to MLflow, printed as markdown.
+
+1. Our MoE layer (workers.moe.MoEFFN: sort by expert + per-expert SwiGLU on CPU) against
+   DeepSpeed's deepspeed.moe.layer.MoE with the same experts, gate and shapes, dropless top-2:
+   tokens/s of forward + backward. First a cross-check: at top-1 (where DeepSpeed's gate,
+   like ours, takes the raw softmax score as the weight) both layers give the same output.
+2. The BIP router (T = 4, 8; pre) against the plain top-K router: router time per call
+   (gate matmul + scores + selection) at several (tokens, experts) shapes.
+
+    python -m benchmarks.moe                       # both (about a minute on 2 cores)
+    python -m benchmarks.moe --tokens 4096 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from workers import tracking
+from workers.model.config import MoEConfig, RouterConfig
+from workers.moe.ffn import MoEFFN
+from workers.moe.router import Router
+
+
+def bench_pair(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of alternating calls (a load change on a shared machine hits both)."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a()
+        ta.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b()
+        tb.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _init_single_process_group() -> None:
+    if dist.is_initialized():
+        return
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29591"))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build at start-up
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def deepspeed_peer(ours: MoEFFN, d_model: int, k: int):
+    """deepspeed.moe.layer.MoE with our layer's gate and experts copied in (dropless top-k)."""
+    from deepspeed.moe.layer import MoE
+
+    from workers.model.layers import SwiGLU
+
+    E, F = ours.cfg.n_experts, ours.cfg.expert_hidden
+    peer = MoE(
+        hidden_size=d_model,
+        expert=SwiGLU(d_model, F),
+        num_experts=E,
+        ep_size=1,
+        k=k,
+        capacity_factor=1.0,
+        eval_capacity_factor=1.0,
+        min_capacity=0,
+        drop_tokens=False,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    )
+    with torch.no_grad():
+        peer.deepspeed_moe.gate.wg.weight.copy_(ours.router.gate.weight)
+        for e, expert in enumerate(peer.deepspeed_moe.experts.deepspeed_experts):
+            expert.gate_proj.weight.copy_(ours.w_gate[e].T)
+            expert.up_proj.weight.copy_(ours.w_up[e].T)
+            expert.down_proj.weight.copy_(ours.w_down[e].T)
+    return peer
+
+
+def layer_benchmark(tokens: int, d_model: int, hidden: int, experts: int, repeats: int) -> dict[str, float]:
+    _init_single_process_group()
+    out: dict[str, float] = {}
+    x = torch.randn(1, tokens, d_model)
+    # cross-check at top-1: same output
+    torch.manual_seed(0)
+    ours1 = MoEFFN(d_model, MoEConfig(n_experts=experts, top_k=1, expert_hidden=hidden, shared_expert=False))
+    peer1 = deepspeed_peer(ours1, d_model, 1)
+    with torch.no_grad():
+        y_ours, y_peer = ours1(x)[0], peer1(x)[0]
+    out["crosscheck_top1_max_abs_diff"] = float((y_ours - y_peer).abs().max())
+    out["crosscheck_top1_output_rms"] = float(y_ours.square().mean().sqrt())
+    torch.manual_seed(0)
+    ours = MoEFFN(d_model, MoEConfig(n_experts=experts, top_k=2, expert_hidden=hidden, shared_expert=False))
+    peer = deepspeed_peer(ours, d_model, 2)
+
+    def step(layer):
+        def run():
+            xg = x.clone().requires_grad_(True)
+            layer(xg)[0].square().mean().backward()
+
+        return run
+
+    t_ours, t_peer = bench_pair(step(ours), step(peer), repeats)
+    out.update(
+        ours_tokens_per_s=tokens / t_ours,
+        deepspeed_tokens_per_s=tokens / t_peer,
+        ours_over_deepspeed_throughput=t_peer / t_ours,
+    )
+    return out
+
+
+def router_benchmark(tokens: int, experts: int, d_model: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d_model)
+    routers = {}
+    for name, rc in {
+        "topk": RouterConfig(strategy="none"),
+        "bip_t4": RouterConfig(strategy="bip", bip_iters=4),
+        "bip_t8": RouterConfig(strategy="bip", bip_iters=8),
+    }.items():
+        torch.manual_seed(0)
+        routers[name] = Router(d_model, MoEConfig(n_experts=experts, top_k=2, router=rc)).train()
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for name in ("bip_t4", "bip_t8"):
+            t_bip, t_top = bench_pair(lambda n=name: routers[n](x), lambda: routers["topk"](x), repeats)
+            out[f"{name}_ms"], out["topk_ms"] = 1e3 * t_bip, 1e3 * t_top
+            out[f"{name}_over_topk_time"] = t_bip / t_top
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.moe", description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per MoE-layer call")
+    p.add_argument("--d-model", type=int, default=128, help="model width D")
+    p.add_argument("--hidden", type=int, default=256, help="expert hidden width F")
+    p.add_argument("--experts", type=int, default=8, help="experts E for the layer benchmark")
+    p.add_argument("--router-tokens", default="1024,8192", help="comma-separated token counts (router)")
+    p.add_argument("--router-experts", default="16,64", help="comma-separated expert counts (router)")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per side (median)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--experiment", default="calibray-bench", help="MLflow experiment name")
+    args = p.parse_args(argv)
+    for name in ("tokens", "d_model", "hidden", "experts", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    torch.set_num_threads(args.threads)
+    params = {k: v for k, v in vars(args).items() if k != "experiment"}
+    with tracking.start_run("bench_moe", experiment=args.experiment, run_name="bench-moe", params=params) as run:
+        layer = layer_benchmark(args.tokens, args.d_model, args.hidden, args.experts, args.repeats)
+        tracking.log_metrics({f"layer/{k}": v for k, v in layer.items()})
+        print(f"MLflow run {run.info.run_id}\n")
+        print(f"## MoE layer, fwd+bwd, N={args.tokens} D={args.d_model} F={args.hidden} E={args.experts} top-2\n")
+        print("| ours tok/s | DeepSpeed tok/s | ours / DeepSpeed | top-1 cross-check max abs diff (output rms) |")
+        print("|---|---|---|---|")
+        print(
+            f"| {layer['ours_tokens_per_s']:.0f} | {layer['deepspeed_tokens_per_s']:.0f} | "
+            f"{layer['ours_over_deepspeed_throughput']:.2f}x | {layer['crosscheck_top1_max_abs_diff']:.2e}"
+            f" ({layer['crosscheck_top1_output_rms']:.2e}) |"
+        )
+        print("\n## Router time per call (gate + scores + selection), top-2\n")
+        print("| tokens | experts | top-K ms | BIP T=4 ms | ratio | BIP T=8 ms | ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for n in [int(t) for t in args.router_tokens.split(",")]:
+            for e in [int(t) for t in args.router_experts.split(",")]:
+                r = router_benchmark(n, e, args.d_model, args.repeats)
+                tracking.log_metrics({f"router/n{n}_e{e}/{k}": v for k, v in r.items()})
+                print(
+                    f"| {n} | {e} | {r['topk_ms']:.2f} | {r['bip_t4_ms']:.2f} | {r['bip_t4_over_topk_time']:.1f}x"
+                    f" | {r['bip_t8_ms']:.2f} | {r['bip_t8_over_topk_time']:.1f}x |"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
