@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines import train_moe
-from workers.model.config import ConfigError
+from workers.model.config import ConfigError, RouterConfig
 from workers.model.presets import tiny as tiny_model
 from workers.moe.train_loop import needs_moe_loop
 from workers.training.config import tiny
@@ -16,7 +18,7 @@ from workers.training.config import tiny
 def ep_config(**changes):
     """2 workers, 2 experts each, loss-free routing (its bias must move in every layer)."""
     model = tiny_model()
-    moe = model.moe.__class__(**{**model.moe.__dict__, "router": model.moe.router.__class__(strategy="loss_free")})
+    moe = dataclasses.replace(model.moe, router=RouterConfig(strategy="loss_free"))
     base = dict(
         model=model.replace(indexer=None, moe=moe),
         steps=8,

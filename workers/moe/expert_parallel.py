@@ -97,7 +97,7 @@ def _regroup_index(recv: torch.Tensor) -> torch.Tensor:
     seg_t, starts_t = recv.t().reshape(-1), starts.t().reshape(-1)  # blocks in (e, r) order
     total = int(seg.sum())
     offsets_t = torch.cumsum(seg_t, 0) - seg_t
-    within = torch.arange(total) - torch.repeat_interleave(offsets_t, seg_t)
+    within = torch.arange(total, device=recv.device) - torch.repeat_interleave(offsets_t, seg_t)
     return torch.repeat_interleave(starts_t, seg_t) + within
 
 
@@ -134,7 +134,7 @@ def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate x [n_r, ...] of every rank of `group` in rank order (no gradient)."""
     if group is None:
         return x
-    size = torch.tensor([x.shape[0]])
+    size = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, size, group=group)
     top = int(max(s.item() for s in sizes))

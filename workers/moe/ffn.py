@@ -37,7 +37,7 @@ def capacity_mask(expert_idx: torch.Tensor, n_experts: int, capacity: int) -> to
     counts = torch.bincount(flat, minlength=n_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.empty_like(flat)
-    rank_in_expert[order] = torch.arange(flat.numel()) - starts[flat[order]]
+    rank_in_expert[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     return (rank_in_expert < capacity).view_as(expert_idx)
 
 

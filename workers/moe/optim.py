@@ -105,7 +105,8 @@ class MoEOptimizer:
             loss.backward()
 
     def _expert_norm_sq(self) -> torch.Tensor:
-        sq = sum((p.grad.float().pow(2).sum() for p in self.experts if p.grad is not None), torch.zeros(()))
+        zero = torch.zeros((), device=self.experts[0].device if self.experts else "cpu")
+        sq = sum((p.grad.float().pow(2).sum() for p in self.experts if p.grad is not None), zero)
         if self.groups.ep_group is not None:
             dist.all_reduce(sq, group=self.groups.ep_group)  # the group holds all experts once
         return sq
@@ -117,8 +118,8 @@ class MoEOptimizer:
                 g["lr"] = lr
         if self.engine is None:
             sync_gradients(list(self.model.parameters()), self.groups)
-            dense_sq = sum((p.grad.float().pow(2).sum() for p in self.dense if p.grad is not None), torch.zeros(()))
-            norm = math.sqrt(float(dense_sq + self._expert_norm_sq()))
+            dense_sq = sum(float(p.grad.float().pow(2).sum()) for p in self.dense if p.grad is not None)
+            norm = math.sqrt(dense_sq + float(self._expert_norm_sq()))
             scale = self.grad_clip / (norm + 1e-6)
             if scale < 1:
                 for p in self.model.parameters():
