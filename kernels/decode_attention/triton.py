@@ -48,7 +48,9 @@ def _split_kernel(
     d = tl.arange(0, BLOCK_D)
     gm, dm = g < G, d < DH
     heads = n * G + g
-    q = tl.load(q_ptr + b * sq_b + t * sq_t + heads[:, None] * sq_h + d[None, :], mask=gm[:, None] & dm[None, :])
+    q = tl.load(
+        q_ptr + b * sq_b + t * sq_t + heads[:, None] * sq_h + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0
+    )
     q = q.to(tl.float32) * scale
     qp = tl.load(qp_ptr + b * T + t)
     m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)

@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-LOW = 2147483647  # 2^31 - 1
-
 
 @triton.jit
 def _keys(x_ptr, offs, S):
@@ -23,7 +21,7 @@ def _keys(x_ptr, offs, S):
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0, as in torch
     bits = x.to(tl.int32, bitcast=True)
     bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order-preserving for negatives
-    key = (bits.to(tl.int64) << 32) + (LOW - offs).to(tl.int64)
+    key = (bits.to(tl.int64) << 32) + (2147483647 - offs).to(tl.int64)  # low word: 2^31 - 1 - index
     return tl.where(offs < S, key, -9223372036854775807 - 1)
 
 
@@ -36,12 +34,13 @@ def _topk_kernel(x_ptr, o_ptr, S, K, NEG_INF_KEY, sx_r, so_r, KP: tl.constexpr):
         blk = tl.sort(_keys(x_ptr + r * sx_r, s0 + offs, S), descending=False)
         buf = tl.sort(tl.maximum(buf, blk), descending=True)
     hi = buf >> 32
-    idx = LOW - (buf & 0xFFFFFFFF)
+    idx = 2147483647 - (buf & 0xFFFFFFFF)
     idx = tl.where(hi > NEG_INF_KEY, idx, -1)
     tl.store(o_ptr + r * so_r + offs, idx, mask=offs < K)
 
 
 def _neg_inf_key() -> int:
+    """The int32 sort key of -inf (the bit mapping in _keys, done on the host)."""
     bits = torch.tensor([float("-inf")], dtype=torch.float32).view(torch.int32).item()
     return bits ^ 0x7FFFFFFF if bits < 0 else bits
 
