@@ -242,6 +242,7 @@ def main() -> None:
         help="which CPU comparisons to run",
     )
     p.add_argument("--gpu-smoke", action="store_true", help="run the GPU section on CPU at tiny shapes (interpreter)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: one per CPU core)")
     p.add_argument("--no-mlflow", action="store_true", help="print only; do not log an MLflow run")
     p.add_argument("--out", default="artifacts/bench_kernels.json", help="where to write the JSON results")
     args = p.parse_args()
@@ -253,7 +254,7 @@ def main() -> None:
             f"--topk/--repeats must be >= 1 and --decode-length >= 32, got {args.topk}/{args.repeats}/{args.decode_length}"
         )
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     rows: list[tuple[str, str, float, float]] = []
     ceilings: dict[str, float] = {}
     if args.gpu_smoke:
@@ -269,6 +270,7 @@ def main() -> None:
         if torch.cuda.is_available():
             ceilings = gpu_section(rows, "cuda", small=False, repeats=args.repeats)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    machine += f", {torch.get_num_threads()} intra-op threads"
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
     print(f"machine: {machine}\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float, float]:
@@ -26,3 +27,23 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: f
     rms, mx, mean = rel_error(actual, expected)
     print(f"{name}: rel-rms {rms:.2e}  max-abs {mx:.2e}  mean-abs {mean:.2e}")
     assert rms <= tol, f"{name}: relative RMS error {rms:.3e} > {tol:.1e} (max abs {mx:.3e}, mean abs {mean:.3e})"
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the element count of every storage an op returns (except `exclude`d ones)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                self.sizes.append((st.data_ptr(), st.nbytes() // t.element_size()))
+        return out
+
+    def largest(self, exclude: torch.Tensor | None = None) -> int:
+        skip = exclude.untyped_storage().data_ptr() if exclude is not None else None
+        return max(n for ptr, n in self.sizes if ptr != skip or ptr == 0)

@@ -21,6 +21,16 @@ def force_triton(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    """Small kernel tests run single-threaded: on a shared, oversubscribed 2-core box every
+    2-thread intra-op parallel op waits for its slower thread (measured 15x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def nan_empty(monkeypatch):
     """Fresh torch.empty / empty_like memory is NaN (floats) or a sentinel (ints), so a kernel
     that skips a write produces garbage the comparison catches instead of lucky zeros."""

@@ -7,7 +7,7 @@ import torch
 
 from kernels import attention_received
 from kernels.attention_received.reference import attention_received as reference
-from tests.kernels._util import assert_close
+from tests.kernels._util import LargestAllocation, assert_close
 
 
 def _inputs(b, t, s, h, hkv, dh, seed=0):
@@ -43,3 +43,13 @@ def test_reference_matches_full_map(chunk):
 def test_triton_matches_reference(force_triton, h, hkv):
     args = _inputs(1, 21, 37, h, hkv, 48, seed=h)
     assert_close("received", attention_received(*args), reference(*args), 1e-5)
+
+
+def test_chunked_path_never_holds_the_full_map():
+    """L = 2048: the largest intermediate is <= chunk * H * L elements, never L * L * H."""
+    L, H, chunk = 2048, 2, 64
+    q, k, q_pos, k_pos = _inputs(1, L, L, H, 1, 8)
+    with LargestAllocation() as rec:
+        out = reference(q, k, q_pos, k_pos, chunk=chunk)
+    assert out.shape == (1, L)
+    assert rec.largest(exclude=out) <= chunk * H * L < L * L * H

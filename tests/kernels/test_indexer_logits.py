@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import indexer_logits
 from kernels.indexer_logits.reference import indexer_logits as reference
 from kernels.indexer_logits.reference import indexer_logits_naive
-from tests.kernels._util import assert_close
+from tests.kernels._util import LargestAllocation, assert_close
 
 
 def _inputs(b, t, s, hi, di, seed=0, pad=True):
@@ -49,26 +48,6 @@ def test_triton_matches_reference(force_triton, b, t, s, hi, di):
     assert_close("logits", out, ref, 1e-5)
     for name, a, r in zip("qkw", _masked_grads(out, (q, k, w)), _masked_grads(ref, (q, k, w))):
         assert_close(f"d{name}", a, r, 1e-5)
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the element count of every storage an op returns (except `exclude`d ones)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes: list[tuple[int, int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                self.sizes.append((st.data_ptr(), st.nbytes() // t.element_size()))
-        return out
-
-    def largest(self, exclude: torch.Tensor | None = None) -> int:
-        skip = exclude.untyped_storage().data_ptr() if exclude is not None else None
-        return max(n for ptr, n in self.sizes if ptr != skip or ptr == 0)
 
 
 def test_chunked_path_never_materialises_l_l_h():
