@@ -10,8 +10,8 @@ Three comparisons, each measured in this one run and reported as a ratio:
    packed cache against dense attention over the full-precision cache (and the protocol path
    that dequantizes a view), median of alternating repeats so machine load hits both alike.
 3. With --model (a dense Llama-shaped checkpoint, exported to HF, or hf:<dir>): held-out
-   continuation NLL and cache bytes of our packed cache with the searched map against
-   transformers' `QuantizedCache` (quanto backend, KIVI-style) at the nearest uniform setting.
+   continuation NLL and cache bytes of our packed cache (searched map, uniform KV4, KV2) against
+   transformers' `QuantizedCache` (quanto backend, 4 and 2 bits: the uniform settings it has).
 """
 
 from __future__ import annotations
@@ -142,10 +142,16 @@ def vs_quantized_cache(model: str, searched: KVQuantConfig | None, n: int, lengt
     if searched is None:
         searched = KVQuantConfig.uniform("KV4", L, mode="kivi", group=32, residual=32)
     searched.check_model(L)
-    nearest = 2 if searched.nominal_bits < 3 else 4  # quanto packs 2 or 4 bits
-    uniform = KVQuantConfig.uniform(f"KV{nearest}", L, mode="kivi", group=searched.group, residual=searched.residual)
     rows = []
-    for name, cfg in (("full", None), ("ours searched", searched), (f"ours KV{nearest}", uniform)):
+    cfgs = [("full", None), (f"ours searched ({searched.name()})", searched)]
+    cfgs += [
+        (
+            f"ours KV{b}",
+            KVQuantConfig.uniform(f"KV{b}", L, mode="kivi", group=searched.group, residual=searched.residual),
+        )
+        for b in (4, 2)
+    ]
+    for name, cfg in cfgs:
         caches = []
 
         def make(c=cfg, held=caches):
@@ -155,22 +161,28 @@ def vs_quantized_cache(model: str, searched: KVQuantConfig | None, n: int, lengt
         r = continuation_nll(ours, data.context, data.continuation, make_cache=make, batch_size=n)
         bits = 32.0 if cfg is None else cfg.nominal_bits
         rows.append({"cache": name, "nominal_bits": bits, "nll": r.nats, "se": r.se, "bytes": caches[-1].nbytes()})
-    qc = QuantizedCache(
-        "quanto", hf.config, nbits=nearest, q_group_size=searched.group, residual_length=searched.residual
-    )
     ctx, y = data.context, data.continuation
-    hf(input_ids=ctx[:, :-1], cache=qc, use_cache=True)
-    logits = hf(input_ids=torch.cat([ctx[:, -1:], y[:, :-1]], 1), cache=qc, use_cache=True).logits
-    nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(1)
-    qbytes = 0
-    for layer in qc.layers:
-        for t in (layer._quantized_keys, layer._quantized_values, layer.keys, layer.values):
-            qbytes += _tensor_bytes(t) if t is not None else 0
-    se = float(nll.std() / len(nll) ** 0.5)
-    rows.append(
-        {"cache": f"HF QuantizedCache quanto {nearest}b", "nominal_bits": nearest, "nll": float(nll.mean()), "se": se}
-    )
-    rows[-1]["bytes"] = qbytes
+    for nbits in (4, 2):  # quanto packs 2 or 4 bits: the uniform settings nearest any budget in [2, 4]
+        qc = QuantizedCache(
+            "quanto", hf.config, nbits=nbits, q_group_size=searched.group, residual_length=searched.residual
+        )
+        hf(input_ids=ctx[:, :-1], cache=qc, use_cache=True)
+        logits = hf(input_ids=torch.cat([ctx[:, -1:], y[:, :-1]], 1), cache=qc, use_cache=True).logits
+        nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(1)
+        qbytes = 0
+        for layer in qc.layers:
+            for t in (layer._quantized_keys, layer._quantized_values, layer.keys, layer.values):
+                qbytes += _tensor_bytes(t) if t is not None else 0
+        se = float(nll.std() / len(nll) ** 0.5)
+        rows.append(
+            {
+                "cache": f"HF QuantizedCache quanto {nbits}b",
+                "nominal_bits": nbits,
+                "nll": float(nll.mean()),
+                "se": se,
+                "bytes": qbytes,
+            }
+        )
     return rows
 
 

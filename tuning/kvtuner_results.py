@@ -4,7 +4,7 @@ For each budget the chosen map is compared (paired over the same held-out exampl
 full precision, every uniform baseline, uniform K2V4, the same map with its layers reversed,
 and the best uniform map with at most as many bits. Deltas are chosen - other in the task's
 unit: exact match (higher is better) or NLL in nats (lower is better). Writes
-`kv_precision.json` (all budgets), `budgets/<b>/kv_precision.json`, `report.json`, `report.md`.
+`kv_precision.json` ({"maps": {str(budget): map}}), `budgets/<b>/kv_precision.json`, `report.json`, `report.md`.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
 
     out, bdir = work / "out", work / "out_budgets"
     bdir.mkdir(exist_ok=True)
-    maps = []
+    maps = {}
     for b, row in chosen.items():
         qc = KVQuantConfig(tuple(row["map"].split(",")), **cfg.quant())
         extra = {
@@ -89,7 +89,8 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
         }
         (bdir / f"{b:g}").mkdir(exist_ok=True)
         qc.to_json(bdir / f"{b:g}" / "kv_precision.json", **extra)
-        maps.append(qc.to_dict(**extra))
+        maps[str(b)] = qc.to_dict(**extra)
+    # one file for every budget, keyed by str(budget) (serve picks one with kv_budget=)
     (out / "kv_precision.json").write_text(json.dumps({"method": "kvtuner", "maps": maps}, indent=1))
     table = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
     (out / "report.json").write_text(json.dumps({"rows": rows, "comparisons": comps, "data": data.name}, indent=1))

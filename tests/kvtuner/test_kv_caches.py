@@ -170,3 +170,14 @@ def test_kv_precision_json_roundtrip(tmp_path):
     assert back.to_dict()["equivalent_bits"] == 4.5 and back.to_dict()["mixed"] is True
     with pytest.raises(FileNotFoundError, match="does not exist"):
         KVQuantConfig.from_json(tmp_path / "missing.json")
+
+
+def test_multi_budget_file(tmp_path):
+    import json
+
+    a, b = KVQuantConfig(("K8V4", "KV4")), KVQuantConfig(("K4V2", "K4V2"))
+    path = tmp_path / "kv_precision.json"
+    path.write_text(json.dumps({"method": "kvtuner", "maps": {"5.0": a.to_dict(), "3.0": b.to_dict()}}))
+    assert KVQuantConfig.from_json(path, budget=3.0) == b
+    with pytest.raises(ValueError, match="budget"):
+        KVQuantConfig.from_json(path, budget=4.0)

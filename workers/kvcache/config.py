@@ -5,7 +5,8 @@ Bits (spec/kvtuner.md):
 - stored bits per K/V element also count each group's fp32 scale and min and the
   full-precision window, for a given context length (`stored_bits(n_tokens, head_dim)`).
 
-`kv_precision.json` (one per budget; the file a server loads):
+`kv_precision.json` (one per budget; the pipeline also writes all budgets in one file as
+{"method": "kvtuner", "maps": {"4.0": <map>, ...}}, read with `from_json(path, budget=4.0)`):
     {"method": "kvtuner", "mode": "kivi", "group_size": 32, "residual": 32,
      "layers": [{"layer": 0, "k_bits": 8, "v_bits": 4}, ...],
      "equivalent_bits": 6.0, "budget": 6.0, ...extra fields...}
@@ -119,7 +120,16 @@ class KVQuantConfig:
         return path
 
     @classmethod
-    def from_dict(cls, d: dict) -> KVQuantConfig:
+    def from_dict(cls, d: dict, budget: float | None = None) -> KVQuantConfig:
+        """One map, or from a multi-budget file {"maps": {str(budget): map}} the map for `budget`."""
+        if isinstance(d.get("maps"), dict):
+            maps = d["maps"]
+            if budget is None and len(maps) == 1:
+                return cls.from_dict(next(iter(maps.values())))
+            hit = [k for k in maps if budget is not None and abs(float(k) - budget) < 1e-6]
+            if not hit:
+                raise ValueError(f"budget={budget!r}: kv_precision file has maps for budgets {sorted(maps)}")
+            return cls.from_dict(maps[hit[0]])
         try:
             layers = [Pair(int(e["k_bits"]), int(e["v_bits"])) for e in sorted(d["layers"], key=lambda e: e["layer"])]
             return cls(tuple(layers), mode=d["mode"], group=int(d["group_size"]), residual=int(d["residual"]))
@@ -127,11 +137,11 @@ class KVQuantConfig:
             raise ValueError(f"kv_precision config is missing field {e}") from e
 
     @classmethod
-    def from_json(cls, path: str | Path) -> KVQuantConfig:
+    def from_json(cls, path: str | Path, budget: float | None = None) -> KVQuantConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"kv_precision file {str(path)!r} does not exist")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(json.loads(path.read_text()), budget)
 
 
 def parse_map(text: str | Sequence[str], n_layers: int) -> tuple[Pair, ...]:
