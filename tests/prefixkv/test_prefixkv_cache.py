@@ -56,7 +56,7 @@ class Recorder:
         self.calls[layer] = (q.clone(), k.clone(), q_pos.clone(), k_pos.clone())
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+@pytest.mark.parametrize("chunk", [1, 7, None])
 def test_chunked_importance_equals_dense(model, tokens, chunk):
     rec = Recorder()
     with torch.no_grad():
