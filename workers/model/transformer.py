@@ -183,6 +183,9 @@ class CalibLM(nn.Module):
         return [blk.attn.indexer_calls for blk in self.layers]
 
 
-def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL in nats: logits [B, T, V] predict tokens[:, 1:]."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token NLL in nats: logits [B, T, V] predict tokens[:, 1:]; optional weights [B, T-1]."""
+    if weights is None:
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+    return (nll * weights).sum() / weights.sum()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.data.retrieval import RetrievalConfig, make_batch
+from workers.data.retrieval import VALUE_LEN, RetrievalConfig, make_batch
 
 from .config import TrainConfig
 
@@ -19,20 +19,46 @@ def text_batch(tokens: torch.Tensor, n: int, length: int, g: torch.Generator) ->
     return torch.stack([tokens[s : s + length] for s in starts.tolist()])
 
 
-def train_batch(tc: TrainConfig, step: int, rank: int, tokens: torch.Tensor, filler: bytes) -> torch.Tensor:
-    """The batch [batch_size, L] of one worker at one step (L = seq_len, or curriculum_len in stage 1)."""
+def answer_weights(x: torch.Tensor, answers: list[list[int]], weight: float) -> torch.Tensor:
+    """Per-prediction loss weights [n, L-1]: ``weight`` on the predictions of retrieval answer bytes."""
+    w = torch.ones(x.shape[0], x.shape[1] - 1)
+    for i, offsets in enumerate(answers):
+        for off in offsets:
+            w[i, off - 1 : off - 1 + VALUE_LEN] = weight
+    return w
+
+
+def weighted_batch(
+    tc: TrainConfig, step: int, rank: int, tokens: torch.Tensor, filler: bytes
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch [batch_size, L] of one worker at one step and its loss weights [batch_size, L-1] (None = uniform).
+
+    L = seq_len, or curriculum_len in the first stage of the retrieval curriculum. Retrieval answer
+    bytes carry ``answer_weight``: they are 3 of ~64 bytes, and without the extra weight the small
+    testbed sat at chance for thousands of steps (measured; see docs/MODELS.md).
+    """
     g = _generator(tc, step, rank)
     if tc.task == "text":
-        return text_batch(tokens, tc.batch_size, tc.seq_len, g)
+        return text_batch(tokens, tc.batch_size, tc.seq_len, g), None
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
     if step < tc.curriculum_steps:
-        cfg = RetrievalConfig(length=tc.curriculum_len, min_records=2, max_records=4, max_queries=2)
-        return make_batch(filler, cfg, tc.batch_size, seed)[0]
+        cfg = RetrievalConfig(length=tc.curriculum_len, min_records=2, max_records=4, max_queries=3)
+        x, ans = make_batch(filler, cfg, tc.batch_size, seed)
+        return x, answer_weights(x, ans, tc.answer_weight)
     n_ret = round(tc.batch_size * tc.retrieval_frac)
     cfg = RetrievalConfig(length=tc.seq_len, min_records=4, max_records=8, max_queries=tc.max_queries)
-    parts = []
+    xs, ws = [], []
     if n_ret:
-        parts.append(make_batch(filler, cfg, n_ret, seed)[0])
+        x, ans = make_batch(filler, cfg, n_ret, seed)
+        xs.append(x)
+        ws.append(answer_weights(x, ans, tc.answer_weight))
     if tc.batch_size - n_ret:
-        parts.append(text_batch(tokens, tc.batch_size - n_ret, tc.seq_len, g))
-    return torch.cat(parts)
+        x = text_batch(tokens, tc.batch_size - n_ret, tc.seq_len, g)
+        xs.append(x)
+        ws.append(torch.ones(x.shape[0], x.shape[1] - 1))
+    return torch.cat(xs), torch.cat(ws)
+
+
+def train_batch(tc: TrainConfig, step: int, rank: int, tokens: torch.Tensor, filler: bytes) -> torch.Tensor:
+    """The batch [batch_size, L] of one worker at one step (see ``weighted_batch``)."""
+    return weighted_batch(tc, step, rank, tokens, filler)[0]

@@ -34,6 +34,7 @@ class TrainConfig:
     curriculum_steps: int = 0  # stage 1 steps on short retrieval sequences
     curriculum_len: int = 64
     max_queries: int = 14  # training sequences may carry several queries
+    answer_weight: float = 1.0  # loss weight of retrieval answer bytes (text bytes weigh 1)
     ep_size: int = 1  # expert-parallel group size (MoE); 1 = plain data parallel
     zero_stage: int = 0  # DeepSpeed ZeRO stage for dense parameters (0 = off)
     eval_windows: int = 128
@@ -64,6 +65,7 @@ class TrainConfig:
         check(self.task in TASKS, "task", f"one of {TASKS}")
         check(0 <= self.retrieval_frac <= 1, "retrieval_frac", "must be in [0, 1]")
         check(self.curriculum_steps >= 0, "curriculum_steps", "must be >= 0")
+        check(self.answer_weight > 0, "answer_weight", "must be > 0")
         check(
             self.ep_size >= 1 and self.num_workers % self.ep_size == 0,
             "ep_size",

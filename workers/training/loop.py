@@ -18,7 +18,7 @@ import torch
 
 from workers.model.transformer import CalibLM, lm_loss
 
-from .batches import train_batch
+from .batches import weighted_batch
 from .config import TrainConfig
 
 STATE_FILE = "train_state.pt"
@@ -67,7 +67,7 @@ def make_optimizer(model: CalibLM, tc: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95))
 
 
-def train_step(model, opt, tc: TrainConfig, x: torch.Tensor, step: int):
+def train_step(model, opt, tc: TrainConfig, x: torch.Tensor, step: int, weights: torch.Tensor | None = None):
     """One optimizer step on batch x [B, L]: LM loss + router aux loss + indexer KL.
 
     DSA: dense attention for the first ``dense_warmup_steps`` (the indexer learns from the
@@ -77,7 +77,7 @@ def train_step(model, opt, tc: TrainConfig, x: torch.Tensor, step: int):
         group["lr"] = lr_at(tc, step)
     attn = "dense" if (not tc.uses_indexer or step < tc.dense_warmup_steps) else "sparse"
     out = model(x, attn=attn, indexer_loss=tc.uses_indexer)
-    ce = lm_loss(out.logits, x)
+    ce = lm_loss(out.logits, x, weights)
     loss = ce + out.aux_loss + tc.indexer_loss_weight * out.indexer_kl
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -98,7 +98,8 @@ def train_local(tc: TrainConfig, tokens: torch.Tensor, filler: bytes) -> tuple[C
     model.train()
     losses = []
     for step in range(tc.steps):
-        _, ce, _, _ = train_step(model, opt, tc, train_batch(tc, step, 0, tokens, filler), step)
+        x, w = weighted_batch(tc, step, 0, tokens, filler)
+        _, ce, _, _ = train_step(model, opt, tc, x, step, w)
         losses.append(ce.item())
     return model.eval(), losses
 
@@ -141,8 +142,8 @@ def train_loop(config: dict) -> None:
     t_last, tok_since = time.perf_counter(), 0
     model.train()
     for step in range(start, tc.steps):
-        x = train_batch(tc, step, rank, tokens, filler)
-        out, ce, gnorm, attn = train_step(model, opt, tc, x, step)
+        x, w = weighted_batch(tc, step, rank, tokens, filler)
+        out, ce, gnorm, attn = train_step(model, opt, tc, x, step, w)
         tok_since += x.numel() * world
         if bar is not None:
             bar.update(1)
