@@ -1,0 +1,101 @@
+"""A real `ray start --head` on loopback, a real `mlflow server`, and `ray job submit --working-dir .`.
+
+The head gets its own --temp-dir (no other test attaches to it) and is stopped by killing
+exactly the processes of that session, never with a machine-wide `ray stop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def _kill_matching(pattern: str) -> None:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    for pid in out:
+        if int(pid) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.fixture
+def head_and_mlflow(tmp_path):
+    temp_dir = Path("/tmp") / f"crh{os.getpid()}"  # short: Ray's socket paths have a length limit
+    gcs, dash, mlf = _free_port(), _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_AUTH_MODE"] = "token"
+    mlflow_proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlf),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--num-cpus=2", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=180,
+    )  # fmt: skip
+    try:
+        _wait_http(f"http://127.0.0.1:{mlf}/health", 120)
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}"}
+    finally:
+        _kill_matching(str(temp_dir))
+        os.killpg(mlflow_proc.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_a_pipeline_that_logs_to_the_mlflow_server(head_and_mlflow):
+    h = head_and_mlflow
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": h["mlflow"], "RAY_DEDUP_LOGS": "0"}}
+    cmd = [
+        str(BIN / "ray"), "job", "submit", "--address", h["dashboard"], "--working-dir", ".",
+        "--runtime-env-json", json.dumps(runtime_env), "--",
+        "python", "-m", "pipelines.train_moe", "--preset", "tiny", "--steps", "4", "--cpus-per-worker", "0.5",
+        "--experiment", "job-submit",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=h["env"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SUCCEEDED" in done.stdout + done.stderr
+    client = MlflowClient(h["mlflow"])
+    exp = client.get_experiment_by_name("job-submit")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert "heldout_bpb" in run.data.metrics and "train_loss" in run.data.metrics
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} == {
+        "model/config.json",
+        "model/model.safetensors",
+    }
