@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tuning.kvtuner_config import KVTunerConfig, model_shape
 from tuning.kvtuner_profile import Profile, WorkerPool, run_profile
-from tuning.kvtuner_report import front_rows, markdown_table, plot_heatmap, plot_pareto, select_for_budget
+from tuning.kvtuner_report import front_rows, markdown_table, paired, plot_heatmap, plot_pareto, select_for_budget
 from tuning.kvtuner_search import SpaceSpec, run_search
 from tuning.kvtuner_space import UNIFORM_BASELINES, cluster_layers, group_candidates, parse_pair
 
@@ -180,32 +180,44 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
         if cfg.fidelity2 and front:
             fid = pool.map([{"op": "task", "map": r["map"], "data": "valid"} for r in front])
             for r, f in zip(front, fid):
-                r["fidelity2"], r["fidelity2_se"] = f["value"], f["se"]
+                r["fidelity2"], r["fidelity2_se"], r["_f2_per"] = f["value"], f["se"], f["per_example"]
         chosen = _choose(cfg, rows, front)
         rep = final_report(cfg, chosen, n_layers, head_dim, n_kv_heads, pool, report, work)
     finally:
         pool.close()
     cols = ["map", "bits", "damage", "nll", "exact"] + (["fidelity2", "fidelity2_se"] if cfg.fidelity2 else [])
     (out / "pareto.md").write_text(markdown_table(front, cols))
-    (out / "search_rows.json").write_text(json.dumps({"rows": rows, "front": front, "baselines": base_rows}))
-    plot_pareto(rows, base_rows, str(out / "pareto.png"), f"KVTuner {cfg.task}: {Path(str(cfg.model)).name}")
+    front_out = [{k: v for k, v in r.items() if not k.startswith("_")} for r in front]
+    (out / "search_rows.json").write_text(json.dumps({"rows": rows, "front": front_out, "baselines": base_rows}))
+    plot_pareto(rows, base_rows, str(out / "pareto.png"), f"KVTuner {cfg.task}: {cfg.name()}")
 
     metrics.update(rep["metrics"])
     return {"metrics": metrics, "chosen": {str(b): r["map"] for b, r in chosen.items()}, "report": rep}
 
 
 def _choose(cfg: KVTunerConfig, rows: list[dict], front: list[dict]) -> dict:
-    """One map per budget: best second fidelity among Pareto candidates, else least calibration KL."""
-    higher = cfg.task == "retrieval"
+    """One map per budget.
+
+    Without a second fidelity: least calibration KL within the budget. With it: the Pareto
+    candidates within the budget that are not worse than the best one on the validation metric
+    by more than one paired standard error, and among those the least calibration KL (so noise
+    in a small validation set cannot trade bits away; a real validation loss still vetoes a map).
+    """
     chosen = {}
+    sign = 1.0 if cfg.task == "retrieval" else -1.0  # exact match up, NLL down
     for b in cfg.budget:
-        if cfg.fidelity2 and front:
-            pick = select_for_budget(front, b, "fidelity2", higher_is_better=higher)
-        else:
-            pick = select_for_budget(rows, b, "damage")
-        if pick is None:
+        fit = [r for r in (front if cfg.fidelity2 and front else rows) if r["bits"] <= b + 1e-9]
+        if not fit:
             raise RuntimeError(f"no evaluated map fits budget {b}; raise --num-samples")
-        chosen[b] = pick
+        if cfg.fidelity2 and front:
+            best = max(fit, key=lambda r: sign * r["fidelity2"])
+            ok = []
+            for r in fit:
+                d, se = paired(r["_f2_per"], best["_f2_per"]) if r is not best else (0.0, 0.0)
+                if sign * d >= -(se if se == se else 0.0):
+                    ok.append(r)
+            fit = ok
+        chosen[b] = select_for_budget(fit, b, "damage")
     return chosen
 
 
