@@ -46,8 +46,8 @@ def test_triton_matches_reference(force_triton, h, hkv):
 
 
 def test_chunked_path_never_holds_the_full_map():
-    """L = 2048: the largest intermediate is <= chunk * H * L elements, never L * L * H."""
-    L, H, chunk = 2048, 2, 64
+    """L = 1024: the largest intermediate is <= chunk * H * L elements, never L * L * H."""
+    L, H, chunk = 1024, 2, 32
     q, k, q_pos, k_pos = _inputs(1, L, L, H, 1, 8)
     with LargestAllocation() as rec:
         out = reference(q, k, q_pos, k_pos, chunk=chunk)
