@@ -23,21 +23,20 @@ import time
 from ray import serve
 from ray.serve import Application
 
-from serve.calibration import resolve
+from serve.calibration import CalibrationError, resolve
 from serve.config import ServeArgs
 from serve.ingress import Ingress
-from serve.model_server import ModelServer
-from workers.model import checkpoint
+from serve.model_server import ModelServer, describe_model
 
 
 def build(args: ServeArgs) -> Application:
     """ServeArgs (or the dict Serve passes) -> Ingress bound to a ModelServer deployment."""
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
-    if args.model.startswith("hf:"):
-        raise ValueError(f"model={args.model!r}: serving hf: models is not supported (CalibLM checkpoints only)")
-    cfg = checkpoint.load_config(args.model)
-    cal = resolve(args, cfg.n_layers)
+    info = describe_model(args.model)
+    cal = resolve(args, info.n_layers)
+    if cal.pattern is not None and not info.has_indexer:
+        raise CalibrationError(f"indexcache/pattern: model={args.model!r} has no DSA indexer to share")
     engine = {"max_batch_size": args.max_batch_size, "batch_wait_s": args.batch_wait_s}
     if args.max_context is not None:
         engine["max_context"] = args.max_context
@@ -81,7 +80,7 @@ def start(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="runs:/<run_id>/model or a checkpoint directory")
+    p.add_argument("--model", required=True, help="runs:/<run_id>/model, a checkpoint directory, or hf:<dir>")
     p.add_argument("--name", default=None, help="served model id (default: derived from --model)")
     p.add_argument("--indexcache", default=None, help="indexcache.json path or MLflow run id")
     p.add_argument("--pattern", default=None, help="explicit IndexCache F/S pattern")

@@ -11,11 +11,10 @@ from collections.abc import Callable
 
 from serve.calibration import Calibration
 from workers.model.cache import DynamicCache
-from workers.model.config import ModelConfig
 
 
-def cache_factory(cfg: ModelConfig, cal: Calibration) -> Callable[[], object]:
-    """() -> a fresh empty cache for one request, per the calibration."""
+def cache_factory(cfg, cal: Calibration) -> Callable[[], object]:
+    """cfg: ModelConfig (or an HF config view with n_layers) -> () -> a fresh empty cache for one request."""
     if cal.kv is None and cal.evict is None:
         return lambda: DynamicCache(cfg.n_layers)
     from serve.composed_cache import ComposedCache, ComposedSpec

@@ -32,7 +32,6 @@ from serve.calibration import Calibration
 from tuning.prefixkv import n_protected
 from tuning.prefixkv_plan import plan_counts
 from workers.model.cache import KVView
-from workers.model.config import ModelConfig
 from workers.prefixkv.scoring import ScoreConfig, received, static_scores
 
 FULL_BITS = 16
@@ -82,7 +81,7 @@ class ComposedSpec:
         return self.k_bits is not None
 
     @classmethod
-    def from_calibration(cls, cfg: ModelConfig, cal: Calibration, score: ScoreConfig | None = None) -> ComposedSpec:
+    def from_calibration(cls, cfg, cal: Calibration, score: ScoreConfig | None = None) -> ComposedSpec:
         kw: dict = {"n_layers": cfg.n_layers}
         if cal.kv:
             kw.update(

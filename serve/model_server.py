@@ -9,6 +9,8 @@ the model's context lives here, so it holds for every client of the deployment, 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from ray import serve
@@ -20,10 +22,45 @@ from workers.data.tokenizer import ByteTokenizer
 from workers.model import checkpoint
 
 
-def load_model(address: str, device: str) -> torch.nn.Module:
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the builder needs to validate a deployment before loading any weights."""
+
+    n_layers: int
+    max_seq_len: int
+    vocab_size: int
+    has_indexer: bool
+
+
+def describe_model(address: str) -> ModelInfo:
+    """runs:/<id>/model, a checkpoint directory, or hf:<dir> -> ModelInfo (reads configs only).
+
+    Serving tokenizes with the byte tokenizer, so an hf: model must have the 256-token byte
+    vocabulary (the project's own exports, workers.model.hf_export); others are refused here."""
     if address.startswith("hf:"):
-        raise ValueError(f"model={address!r}: serving hf: models is not supported (CalibLM checkpoints only)")
-    return checkpoint.load(address, device=device)
+        from transformers import AutoConfig
+
+        path = Path(address[3:]).expanduser()
+        if not (path / "config.json").is_file():
+            raise checkpoint.CheckpointError(f"model={address!r}: no config.json in {path}")
+        c = AutoConfig.from_pretrained(path, local_files_only=True)
+        info = ModelInfo(c.num_hidden_layers, c.max_position_embeddings, c.vocab_size, False)
+    else:
+        cfg = checkpoint.load_config(address)
+        info = ModelInfo(cfg.n_layers, cfg.max_seq_len, cfg.vocab_size, cfg.indexer is not None)
+    if info.vocab_size != ByteTokenizer.vocab_size:
+        raise ValueError(
+            f"model={address!r}: vocabulary of {info.vocab_size} tokens; serving uses the byte tokenizer "
+            f"({ByteTokenizer.vocab_size} ids)"
+        )
+    return info
+
+
+def load_model(address: str, device: str) -> torch.nn.Module:
+    """CalibLM for runs:/ and checkpoint directories, HFCausalLM (workers.hf_adapter) for hf:."""
+    from workers.hf_adapter import load_any
+
+    return load_any(address, device=device).eval()
 
 
 def _bad(param: str, message: str, status: int = 400) -> dict:
@@ -46,7 +83,7 @@ class ModelServer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(model, device)
         self.cal = Calibration.from_dict(calibration)
-        cfg = self.model.cfg
+        cfg = self.model.cfg  # ModelConfig, or HFConfigView for hf: models
         engine_cfg = EngineConfig(**{"max_context": cfg.max_seq_len, **engine})
         self.engine = Engine(
             self.model, cache_factory(cfg, self.cal), lambda t: bytes([t]), engine_cfg, pattern=self.cal.pattern

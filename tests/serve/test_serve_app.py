@@ -71,3 +71,9 @@ def test_bad_arguments_fail_naming_the_argument(tiny_checkpoint, calib_files, tm
     }
     with pytest.raises(exc, match=name):
         call_user_app_builder_with_args_if_necessary(build, args)
+
+
+def test_indexcache_on_a_model_without_indexer_is_refused(tiny_dense_checkpoint, calib_files):
+    args = {"model": str(tiny_dense_checkpoint), "indexcache": calib_files["indexcache"], "retention": "0.5"}
+    with pytest.raises(CalibrationError, match="indexer"):
+        call_user_app_builder_with_args_if_necessary(build, args)

@@ -117,3 +117,35 @@ def test_text_stream_joins_multibyte_characters():
     data = "é✓".encode()
     out = "".join(ts.push(bytes([b])) for b in data) + ts.finish()
     assert out == "é✓"
+
+
+def test_s_layers_skip_their_indexer_while_serving(tiny_model):
+    L = tiny_model.cfg.n_layers
+    engine = Engine(
+        tiny_model, lambda: DynamicCache(L), lambda t: bytes([t]), EngineConfig(max_context=128), pattern="FSFS"
+    )
+    before = tiny_model.indexer_calls()
+    run_all(engine, [GenRequest(list(b"The quick"), 6, temperature=0.0) for _ in range(2)])
+    after = tiny_model.indexer_calls()
+    calls = [a - b for a, b in zip(after, before)]
+    assert calls[0] > 0 and calls[2] > 0
+    assert calls[1] == 0 and calls[3] == 0
+
+
+def test_hf_model_is_served_with_the_same_engine(tiny_dense_trained, tmp_path):
+    """An hf: export of a byte-vocabulary model: concurrent greedy == its own offline greedy."""
+    from serve.model_server import describe_model, load_model
+    from workers.model.hf_export import export_llama
+
+    path = export_llama(tiny_dense_trained[1], tmp_path / "hf")
+    info = describe_model(f"hf:{path}")
+    assert info.n_layers == tiny_dense_trained[1].cfg.n_layers and not info.has_indexer
+    model = load_model(f"hf:{path}", "cpu")
+    L = info.n_layers
+    s = ComposedSpec(L, k_bits=(8,) * L, v_bits=(8,) * L, group=4, residual=4, fractions=(0.5,) * L, keep_ratio=0.5)
+    reqs = [GenRequest(list(p.encode()), 6, temperature=0.0) for p in PROMPTS[:3]]
+    results = run_all(make_engine(model), reqs)
+    for r, (toks, _, _) in zip(reqs, results):
+        assert toks == offline_greedy(model, r.prompt_ids, 6)
+    # The composed cache plugs into HF models through the same protocol.
+    assert len(run_all(make_engine(model, lambda: ComposedCache(s)), reqs)[0][0]) == 6
