@@ -13,8 +13,8 @@ ARGS = [
     "--budget", "4.0", "3.0",
     "--length", "64", "--continuation", "16", "--group", "16", "--residual", "16",
     "--calib-n", "6", "--valid-n", "6", "--report-n", "8",
-    "--num-samples", "5", "--population", "4", "--clusters", "1",
-    "--actors", "2", "--cpus-per-actor", "0.5",
+    "--num-samples", "4", "--population", "4", "--clusters", "1",
+    "--actors", "1", "--cpus-per-actor", "1",
 ]  # fmt: skip
 
 
