@@ -25,19 +25,29 @@ def _pad(t: torch.Tensor, length: int, value: float | int) -> torch.Tensor:
 class BatchCache:
     """Caches of B requests seen as one batch: update(layer, k [B,T,Hkv,Dh], ...) -> KVView [B,S,...]."""
 
-    def __init__(self, caches: list) -> None:
+    def __init__(self, caches: list, new_tokens: list[int] | None = None) -> None:
+        """new_tokens[b]: how many of the T new tokens of row b are real (batched prefill of
+        right-padded prompts); the padding is never written to a cache nor shown to an observer."""
         if not caches:
             raise ValueError("BatchCache needs at least one cache")
         self.caches = caches
+        self.new_tokens = new_tokens
         self._lengths: dict[int, list[int]] = {}  # per layer: each row's own S in the last view
 
     def update(self, layer, k, v, pos, idx_k=None) -> KVView:
+        n = self.new_tokens or [k.shape[1]] * len(self.caches)
         views = [
-            c.update(layer, k[b : b + 1], v[b : b + 1], pos[b : b + 1], None if idx_k is None else idx_k[b : b + 1])
+            c.update(
+                layer,
+                k[b : b + 1, : n[b]],
+                v[b : b + 1, : n[b]],
+                pos[b : b + 1, : n[b]],
+                None if idx_k is None else idx_k[b : b + 1, : n[b]],
+            )
             for b, c in enumerate(self.caches)
         ]
         self._lengths[layer] = [view.k.shape[1] for view in views]
-        if len(views) == 1:
+        if len(views) == 1 and views[0].k.shape[1] >= k.shape[1]:
             return views[0]
         S = max(view.k.shape[1] for view in views)
         has_idx = all(view.idx_k is not None for view in views)
@@ -50,8 +60,9 @@ class BatchCache:
 
     def observe(self, layer, q, k, q_pos, k_pos) -> None:
         """Observer hook: hand each row (its keys without padding) to its own cache's observe."""
+        t = self.new_tokens or [q.shape[1]] * len(self.caches)
         for b, (c, n) in enumerate(zip(self.caches, self._lengths[layer])):
-            c.observe(layer, q[b : b + 1], k[b : b + 1, :n], q_pos[b : b + 1], k_pos[b : b + 1, :n])
+            c.observe(layer, q[b : b + 1, : t[b]], k[b : b + 1, :n], q_pos[b : b + 1, : t[b]], k_pos[b : b + 1, :n])
 
     def length(self, layer: int) -> int:
         return max(c.length(layer) for c in self.caches)

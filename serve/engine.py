@@ -153,9 +153,10 @@ class Engine:
                 continue
             room = self.config.max_batch_size - len(self._active)
             admitted, self._waiting = self._waiting[:room], self._waiting[room:]
-            for seq in admitted:
-                if await self._run_step(self._prefill, [seq]):
-                    self._active.append(seq)
+            # New prompts are prefilled together (right-padded), in groups of similar length.
+            for group in self._prefill_groups(admitted):
+                if await self._run_step(self._prefill, group):
+                    self._active.extend(group)
             self._active = [s for s in self._active if not self._finish_if_done(s)]
             # Requests admitted this round already got their first token from the prefill.
             batch = [s for s in self._active if s not in admitted]
@@ -179,14 +180,32 @@ class Engine:
         return True
 
     # -- model work (worker thread) -----------------------------------------------------------------
+    def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
+        """Split by prompt length so padding stays under a quarter of each group's tokens."""
+        groups: list[list[_Seq]] = []
+        for s in sorted(seqs, key=lambda s: len(s.req.prompt_ids)):
+            g = groups[-1] if groups else None
+            longest = len(s.req.prompt_ids)
+            if g and sum(longest - len(x.req.prompt_ids) for x in g) <= 0.25 * longest * (len(g) + 1):
+                g.append(s)
+            else:
+                groups.append([s])
+        return groups
+
     @torch.inference_mode()
     def _prefill(self, seqs: list[_Seq]) -> list[int]:
-        (seq,) = seqs
-        ids = torch.tensor([seq.req.prompt_ids], dtype=torch.long, device=self.device)
-        pos = torch.arange(ids.shape[1], device=self.device)[None]
-        logits = self._forward(ids, pos, seq.cache)
-        seq.next_pos = ids.shape[1]
-        return [self._sample(seq, logits[0, -1])]
+        lens = [len(s.req.prompt_ids) for s in seqs]
+        T = max(lens)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long, device=self.device)
+        for b, s in enumerate(seqs):
+            ids[b, : lens[b]] = torch.tensor(s.req.prompt_ids, dtype=torch.long)
+        # Padding queries sit after each prompt; BatchCache never stores or observes them.
+        pos = torch.arange(T, device=self.device).expand(len(seqs), T)
+        cache = BatchCache([s.cache for s in seqs], lens) if len(seqs) > 1 else seqs[0].cache
+        logits = self._forward(ids, pos, cache)
+        for s, n in zip(seqs, lens):
+            s.next_pos = n
+        return [self._sample(s, logits[b, n - 1]) for b, (s, n) in enumerate(zip(seqs, lens))]
 
     @torch.inference_mode()
     def _decode(self, seqs: list[_Seq]) -> list[int]:
