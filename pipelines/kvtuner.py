@@ -26,7 +26,7 @@ from tuning.kvtuner_config import KVTunerConfig, model_shape
 from tuning.kvtuner_profile import Profile, WorkerPool, run_profile
 from tuning.kvtuner_report import front_rows, markdown_table, paired, plot_heatmap, plot_pareto, select_for_budget
 from tuning.kvtuner_search import SpaceSpec, run_search
-from tuning.kvtuner_space import UNIFORM_BASELINES, cluster_layers, group_candidates, parse_pair
+from tuning.kvtuner_space import UNIFORM_BASELINES, cluster_layers, group_candidates, nearest_candidate, parse_pair
 
 PIPELINE = "kvtuner"
 
@@ -150,12 +150,15 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
     plot_heatmap(profile.damage, str(out / "profile_heatmap.png"), groups)
     metrics.update({"n_groups": float(max(groups) + 1), "space_size": float(spec.size())})
 
-    # 4. NSGA-II search on Ray Tune, seeded with the uniform maps the grouped space contains
-    seeds = [
-        spec.config_for([parse_pair(b)] * len(spec.candidates))
-        for b in cfg.baselines
-        if all(parse_pair(b) in c for c in spec.candidates) and parse_pair(b).bits <= spec.budget
-    ]
+    # 4. NSGA-II search on Ray Tune, seeded with the grouped space's closest maps to each uniform baseline
+    seeds = []
+    for b in cfg.baselines:
+        choice = [nearest_candidate(parse_pair(b), c) for c in spec.candidates]
+        if None in choice:
+            continue
+        seed = spec.config_for(choice)
+        if spec.bits(seed) <= spec.budget and seed not in seeds:
+            seeds.append(seed)
     trainable = tune.with_parameters(KVTrial, model_address=cfg.model, data=calib, quant=quant, spec=spec)
     rows, stats = run_search(
         trainable,

@@ -154,6 +154,18 @@ def group_candidates(groups: Sequence[int], layer_candidates: Sequence[Sequence[
     return [sorted(s, key=lambda p: (-p.bits, -p.k)) for s in out]
 
 
+def nearest_candidate(target: Pair, candidates: Sequence[Pair]) -> Pair | None:
+    """The candidate closest to `target` without more bits: most bits, then nearest key bits.
+
+    Seeds the search with the grouped space's stand-in for each uniform baseline even when a
+    group's Pareto pruning removed the exact pair (e.g. K4V2 dominated by K2V4 in layer 0).
+    """
+    fit = [q for q in candidates if q.bits <= target.bits]
+    if not fit:
+        return None
+    return min(fit, key=lambda q: (target.bits - q.bits, abs(q.k - target.k), -q.k))
+
+
 def expand(groups: Sequence[int], choice: Sequence[Pair]) -> list[Pair]:
     """Per-group choice [G] -> per-layer map [N]."""
     return [choice[g] for g in groups]

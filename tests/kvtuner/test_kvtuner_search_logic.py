@@ -98,3 +98,13 @@ def test_driver_config_errors_before_work(tmp_path):
         model_shape(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="config.json"):
         model_shape(f"hf:{tmp_path / 'nope'}")
+
+
+def test_nearest_candidate_stands_in_for_pruned_pairs():
+    from tuning.kvtuner_space import nearest_candidate
+
+    cands = [Pair(8, 8), Pair(4, 8), Pair(4, 4), Pair(2, 4), Pair(2, 2)]
+    assert nearest_candidate(Pair(4, 2), cands) == Pair(2, 4)  # K4V2 pruned: same bits, closest keys
+    assert nearest_candidate(Pair(4, 4), cands) == Pair(4, 4)
+    assert nearest_candidate(Pair(8, 4), cands) == Pair(4, 8)
+    assert nearest_candidate(Pair(2, 2), [Pair(4, 4)]) is None
