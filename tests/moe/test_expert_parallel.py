@@ -25,6 +25,6 @@ def test_2dp_x_2ep_matches_single_process():
     """4 ranks = 2 data-parallel replicas x 2 expert-parallel ranks: expert gradients reduced
     over the replicas of the same expert only, dense ones over all ranks; the loss-free bias
     moves by the load of all ranks, identically on every replica. Then one optimizer step,
-    plain and with DeepSpeed ZeRO 1 and 2 on the dense parameters, updates every parameter as
+    with DeepSpeed ZeRO 1 and 2 on the dense parameters, updates every parameter as
     the 1-process step does."""
-    mp.spawn(parity_worker, args=(4, 2, free_port(), ("none", "loss_free"), (0, 1, 2)), nprocs=4, join=True)
+    mp.spawn(parity_worker, args=(4, 2, free_port(), ("none", "loss_free"), (1, 2)), nprocs=4, join=True)
