@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import tempfile
@@ -132,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     from workers.model import checkpoint
     from workers.model.presets import get_preset
     from workers.model.transformer import CalibLM
+    from workers.ray_utils import init_ray
 
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     model = a.model
@@ -165,7 +165,15 @@ def main(argv: list[str] | None = None) -> None:
             retention=a.retention,
         ),
     }
-    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+    for attempt in range(3):  # a loaded machine can time a local node's startup out; try again
+        try:
+            init_ray()
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
+            time.sleep(10)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
