@@ -130,7 +130,8 @@ def heldout_global_maxvio(model: CalibLM, windows: torch.Tensor, batch_size: int
 def train_arm(cfg: ExperimentConfig, arm: str, seed: int, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train one arm; returns {"series": per-step lists, "summary": scalars, "loads": last loads}.
 
-    series: train_loss [S], maxvio [S] (mean over layers), maxvio_layer{l} [S], router_ms [S].
+    series: train_loss [S], maxvio [S] (mean over layers), maxvio_layer{l} [S], router_ms [S],
+    straggler [S], load_layer{l}/expert{j} [S] (tokens routed to expert j in layer l).
     """
     torch.manual_seed(seed)  # same initial weights for every arm of this seed
     model = CalibLM(cfg.model_config(arm)).train()
@@ -162,6 +163,7 @@ def train_arm(cfg: ExperimentConfig, arm: str, seed: int, on_step: Callable[[int
             "router_ms": 1e3 * take_router_time(model),
             "straggler": sum(straggler_ratio(ld, cfg.straggler_ep) for ld in loads) / len(loads),
             **{f"maxvio_layer{i}": v for i, v in enumerate(vios)},
+            **{f"load_layer{i}/expert{j}": x for i, ld in enumerate(loads) for j, x in enumerate(ld.tolist())},
         }
         for k, v in row.items():
             series.setdefault(k, []).append(v)
