@@ -23,7 +23,7 @@ def _args(model, *extra):
 
 @pytest.fixture(scope="module")
 def pipeline_run(ray_local, mlflow_uri, tiny_checkpoint):
-    run_id = prefixkv.main(_args(tiny_checkpoint, "--workers", "2", "--eval-samples", "4"))
+    run_id = prefixkv.main(_args(tiny_checkpoint, "--workers", "2", "--eval-samples", "4", "--eval-ratios", "0.2"))
     return run_id
 
 
@@ -48,11 +48,14 @@ def test_run_logs_calibration_plots_and_eval(pipeline_run, tiny_checkpoint):
     path = mlflow.artifacts.download_artifacts(run_id=pipeline_run, artifact_path="eval/eval.json")
     ev = json.loads(Path(path).read_text())
     keys = {r["key"] for r in ev["rows"]}
-    assert {"full@1", "prefixkv-sum@0.2", "uniform-window@0.5", "pyramid-sum@0.1", "recency@0.1"} <= keys
+    assert keys == {
+        "full@1", "recency@0.2", "random@0.2",
+        *(f"{m}-{s}@0.2" for m in ("prefixkv", "uniform", "pyramid") for s in ("sum", "window")),
+    }  # fmt: skip
     assert all(len(v) == 4 for v in ev["per_example"].values())
     row = next(r for r in ev["rows"] if r["key"] == "prefixkv-sum@0.2")
     assert row["baseline"] == "uniform-sum@0.2" and math.isfinite(row["diff"])
-    assert "nll_prefixkv-window_r0.5" in m
+    assert "nll_prefixkv-window_r0.2" in m and "nll_diff_se_prefixkv-sum_r0.2" in m
 
 
 def test_reduction_is_deterministic_across_worker_counts(pipeline_run, tiny_checkpoint):
