@@ -17,7 +17,7 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="calibray-tests-"))
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlruns.db'}"
 os.environ.pop("RAY_ADDRESS", None)  # tests never join a stray cluster
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # Ray workers and actors share the 2 CI cores; more threads oversubscribe
 
 
 @pytest.fixture(scope="session")

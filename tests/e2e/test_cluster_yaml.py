@@ -37,5 +37,5 @@ def test_cluster_commands_name_real_entry_points_and_keep_servers_private():
     assert "mlflow server" in head and "--host 0.0.0.0" not in head and "--backend-store-uri sqlite:" in head
     assert "RAY_AUTH_MODE=token" in head
     assert any("pip install" in c and "-e" in c for c in cfg["setup_commands"])
-    for path in re.findall(r"serve deploy (\S+)", text):
+    for path in re.findall(r"serve deploy ([\w/.-]+)", text):
         assert (ROOT / path).exists(), path

@@ -54,9 +54,10 @@ def _kill_matching(pattern: str) -> None:
 @pytest.fixture
 def head_and_mlflow(tmp_path):
     temp_dir = Path("/tmp") / f"crh{os.getpid()}"  # short: Ray's socket paths have a length limit
-    gcs, dash, mlf = _free_port(), _free_port(), _free_port()
+    gcs, dash, mlf, agent = _free_port(), _free_port(), _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["RAY_AUTH_MODE"] = "token"
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"  # the job's `python` is this environment's interpreter
     mlflow_proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlf),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -66,7 +67,8 @@ def head_and_mlflow(tmp_path):
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--num-cpus=2", "--disable-usage-stats"],
+         # the agent's default port (52365) is taken by any other Ray on the machine (the session's own)
+         f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", "--disable-usage-stats"],
         env=env, check=True, capture_output=True, timeout=180,
     )  # fmt: skip
     try:
@@ -87,9 +89,14 @@ def test_ray_job_submit_runs_a_pipeline_that_logs_to_the_mlflow_server(head_and_
         "python", "-m", "pipelines.train_moe", "--preset", "tiny", "--steps", "4", "--cpus-per-worker", "0.5",
         "--experiment", "job-submit",
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env=h["env"], capture_output=True, text=True, timeout=900)
+    deadline = time.time() + 180
+    while True:  # the head's job agent comes up a little after the dashboard answers
+        done = subprocess.run(cmd, cwd=ROOT, env=h["env"], capture_output=True, text=True, timeout=900)
+        if "No available agent" not in done.stderr + done.stdout or time.time() > deadline:
+            break
+        time.sleep(3)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "SUCCEEDED" in done.stdout + done.stderr
+    assert "succeeded" in (done.stdout + done.stderr).lower()
     client = MlflowClient(h["mlflow"])
     exp = client.get_experiment_by_name("job-submit")
     (run,) = client.search_runs([exp.experiment_id])
