@@ -4,7 +4,8 @@
     python -m benchmarks.serve_load --preset demo --requests-per-level 32      # untrained demo shape
     python -m benchmarks.serve_load --preset tiny --concurrency 1 4 --max-tokens 8   # smoke run
 
-Three deployments of the same model, one after the other, each one replica with the same CPUs:
+Three deployments of the same model, up at the same time, each one replica with the same CPUs;
+at each concurrency level the three take turns (so load drift on a shared machine hits all):
   full-batched    full-precision cache, up to --max-batch-size requests decoded together
   full-unbatched  full-precision cache, one request at a time (max_batch_size=1)
   calibrated      batched, with the calibrated configs given (default when none are: KV4 KIVI
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=96, help="prompt length in tokens (bytes)")
     p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request")
     p.add_argument("--max-batch-size", type=int, default=32, help="batch limit of the batched apps")
-    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved for the model replica")
+    p.add_argument("--replica-cpus", type=float, default=0.5, help="CPUs reserved per model replica (3 apps)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads in the replica")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--time-limit", type=float, default=1500.0, help="stop starting new levels after this")
@@ -180,20 +181,25 @@ def main(argv: list[str] | None = None) -> None:
     t_start, rows = time.time(), []
     params = {k: v for k, v in vars(a).items() if k != "modes"} | {"model_resolved": model, "modes": ",".join(a.modes)}
     with tracking.start_run("serve_load", run_name="serve_load", params=params) as run:
+        # All apps are up at once (idle replicas cost nothing) and the modes take turns at each
+        # level, so a machine whose load drifts during the run biases no mode in particular.
         for mode in a.modes:
-            serve.run(build(apps[mode]), name="bench", route_prefix="/")
-            run_level(url, {**body, "max_tokens": 2}, 1, 2, a.request_timeout)  # warm-up
-            for c in a.concurrency:
+            serve.run(build(apps[mode]), name=mode, route_prefix=f"/{mode}")
+            run_level(f"{url}/{mode}", {**body, "max_tokens": 2}, 1, 2, a.request_timeout)  # warm-up
+        for c in a.concurrency:
+            for mode in a.modes:
                 if time.time() - t_start > a.time_limit:
                     print(f"time limit reached; skipping {mode} c={c}", flush=True)
                     continue
-                row = {"mode": mode, **run_level(url, body, c, max(a.requests_per_level, c), a.request_timeout)}
+                row = {
+                    "mode": mode,
+                    **run_level(f"{url}/{mode}", body, c, max(a.requests_per_level, c), a.request_timeout),
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 mlflow.log_metrics(
                     {f"{mode}/c{c}/{k}": row[k] for k in ("tokens_per_s", "p50_s", "p99_s", "kv_bytes_mean")}
                 )
-            serve.delete("bench")
         table = report(rows, a.concurrency)
         mlflow.log_text(table, "serve_load.md")
         mlflow.log_text(json.dumps(rows, indent=1), "serve_load.json")
