@@ -178,6 +178,7 @@ def main(argv=None):
         "transformers": {"kvpress": kv["transformers"], "calibray": ours["transformers"]},
         "args": vars(a),
         "full_nll": mean_se(full_nll),
+        "full_per_example": full_nll,
         "full_kv_bytes": full_bytes,
         "full_paths_max_abs_diff": max(abs(x - y) for x, y in zip(full_nll, ours_full)),
         "rows": [],
@@ -194,7 +195,9 @@ def main(argv=None):
     for key, (nll, b) in rows:
         m, se = mean_se(nll)
         d, dse = paired_difference(nll, full_nll)
-        out["rows"].append({"key": key, "nll": m, "se": se, "diff_vs_full": d, "diff_se": dse, "kv_bytes": b})
+        out["rows"].append(
+            {"key": key, "nll": m, "se": se, "diff_vs_full": d, "diff_se": dse, "kv_bytes": b, "per_example": nll}
+        )
         print(f"| {key} | {m:.4f} | {se:.4f} | {d:+.4f} | {dse:.4f} | {b / full_bytes:.3f} |")
     if a.out:
         with open(a.out, "w") as f:

@@ -208,9 +208,7 @@ def solve_bisect(curves: Sequence[LayerCurve], ratio: float, max_steps: int = 64
     return Solution(counts=counts, threshold=float(values[need - 1]), steps=steps, budget=budget)
 
 
-def solve(
-    curves: Sequence[LayerCurve], ratio: float, method: str = "bisect", max_steps: int = 64
-) -> Solution:
+def solve(curves: Sequence[LayerCurve], ratio: float, method: str = "bisect", max_steps: int = 64) -> Solution:
     """Dispatch to `solve_bisect` or `solve_kth`."""
     if method == "bisect":
         return solve_bisect(curves, ratio, max_steps)
