@@ -55,17 +55,13 @@ class StepRecord:
             "pattern": self.pattern,
             "gap": self.gap,
             "units": self.units,
-            "rungs": [
-                {"fraction": f, "losses": {str(k): v.to_list() for k, v in ls.items()}}
-                for f, ls in self.rungs
-            ],
+            "rungs": [{"fraction": f, "losses": {str(k): v.to_list() for k, v in ls.items()}} for f, ls in self.rungs],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> StepRecord:
         rungs = [
-            (float(r["fraction"]), {int(k): LossSum.from_list(v) for k, v in r["losses"].items()})
-            for r in d["rungs"]
+            (float(r["fraction"]), {int(k): LossSum.from_list(v) for k, v in r["losses"].items()}) for r in d["rungs"]
         ]
         return cls(d["step"], d["committed"], d["loss"], d["pattern"], rungs, d.get("units", 0))
 
@@ -196,9 +192,7 @@ def greedy_search(
     done_now = 0
     while not state.done and (max_steps is None or done_now < max_steps):
         before = evaluator.units()
-        final, rungs = score_candidates(
-            remaining_candidates(state.pattern), evaluator.evaluate, state.fidelity
-        )
+        final, rungs = score_candidates(remaining_candidates(state.pattern), evaluator.evaluate, state.fidelity)
         best = rank(final)[0]
         record = StepRecord(
             step=len(state.steps) + 1,
