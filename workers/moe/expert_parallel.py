@@ -125,6 +125,11 @@ def ep_expert_pass(
     x_recv = all_to_all(x_sorted, out_splits, in_splits, groups.ep_group)  # [R, D]
     index = _regroup_index(recv)  # [R]
     y_local = grouped_swiglu(x_recv[index], recv.sum(0), w_gate, w_up, w_down)  # [R, D]
+    if x_recv.shape[0] == 0 and x_recv.requires_grad:
+        # No rows for this rank's experts: keep the output attached to x_recv anyway, or autograd
+        # skips this rank's backward all-to-alls while its peers run theirs (a gloo size mismatch
+        # that aborted training once routing collapsed onto the other rank's experts).
+        y_local = y_local + 0 * x_recv.sum()
     y_recv = torch.zeros_like(y_local).index_copy(0, index, y_local)  # back to (rank, expert)
     y_sorted = all_to_all(y_recv, in_splits, out_splits, groups.ep_group)  # [M, D]
     return y_sorted, recv.sum(0)
