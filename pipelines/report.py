@@ -3,8 +3,8 @@
     python -m pipelines.report                       # embedded default store (./mlruns.db)
     MLFLOW_TRACKING_URI=http://head:5000 python -m pipelines.report --out docs/RESULTS.md
 
-For every pipeline it takes the newest FINISHED top-level run (or the runs named with
-``--run``), writes its metrics as a table headed by the run id, copies its plot images into
+By default it lists every finished run that a method write-up (docs/<METHOD>.md) cites, grouped by
+pipeline (``--latest``: the newest finished runs per pipeline instead; ``--run`` adds one). It writes its metrics as a table headed by the run id, copies its plot images into
 docs/results/<pipeline>/ and links them. Method write-ups (docs/<METHOD>.md) cite run ids
 that this page lists.
 """
@@ -24,6 +24,7 @@ from workers import tracking
 
 PIPELINES = ("train_moe", "moe_sweep", "indexcache", "kvtuner", "prefixkv")
 IMAGE_SUFFIXES = (".png", ".svg", ".jpg")
+RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
 PER_LAYER = re.compile(r"(layer_?\d|adjacent_\d|^search/|^load/|^maxvio/)")
 
 
@@ -80,7 +81,24 @@ def section(client: MlflowClient, run, out_dir: Path, docs_dir: Path) -> list[st
     return lines
 
 
-def build(out: Path, per_pipeline: int = 1, run_ids: list[str] | None = None) -> str:
+def cited_runs(client: MlflowClient, docs_dir: Path, out: Path) -> list:
+    """Runs whose ids the method write-ups cite (32-hex ids found in docs/*.md), in citation order."""
+    seen: dict[str, None] = {}
+    for md in sorted(docs_dir.glob("*.md")):
+        if md.resolve() == out.resolve():
+            continue
+        for rid in RUN_ID.findall(md.read_text()):
+            seen.setdefault(rid, None)
+    runs = []
+    for rid in seen:
+        try:
+            runs.append(client.get_run(rid))
+        except mlflow.exceptions.MlflowException:
+            continue  # cited from another store (e.g. a test session), not in this one
+    return runs
+
+
+def build(out: Path, per_pipeline: int = 1, run_ids: list[str] | None = None, cited: bool = True) -> str:
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = MlflowClient(tracking.tracking_uri())
     docs_dir = out.parent
@@ -94,7 +112,11 @@ def build(out: Path, per_pipeline: int = 1, run_ids: list[str] | None = None) ->
         "[SERVING](SERVING.md), [KERNELS](KERNELS.md).",
         "",
     ]
-    chosen = {p: latest_runs(client, p, per_pipeline) for p in PIPELINES}
+    chosen = {p: latest_runs(client, p, per_pipeline) if not cited else [] for p in PIPELINES}
+    if cited:
+        for r in cited_runs(client, docs_dir, out):
+            if r.info.status == "FINISHED" and "mlflow.parentRunId" not in r.data.tags:
+                chosen.setdefault(r.data.tags.get("pipeline", "other"), []).append(r)
     for rid in run_ids or []:
         r = client.get_run(rid)
         chosen.setdefault(r.data.tags.get("pipeline", "other"), []).insert(0, r)
@@ -114,10 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(tracking.REPO_ROOT / "docs" / "RESULTS.md"), help="markdown file to write")
     p.add_argument("--per-pipeline", type=int, default=1, help="newest finished runs to include per pipeline")
     p.add_argument("--run", action="append", default=[], help="also include this run id (repeatable)")
+    p.add_argument(
+        "--latest",
+        action="store_true",
+        help="list the newest finished runs per pipeline instead of the runs the docs/*.md write-ups cite",
+    )
     args = p.parse_args(argv)
     if args.per_pipeline < 1:
         p.error(f"--per-pipeline={args.per_pipeline}: must be >= 1")
-    build(Path(args.out), args.per_pipeline, args.run)
+    build(Path(args.out), args.per_pipeline, args.run, cited=not args.latest)
     print(f"wrote {args.out}")
     return 0
 
