@@ -41,6 +41,7 @@ class DemoPreset:
     prefixkv_text: list[str] = field(default_factory=list)
     prefixkv_retrieval: list[str] = field(default_factory=list)
     budgets_s: dict[str, int] = field(default_factory=dict)
+    serve_retention: float = 0.25  # which IndexCache pattern the calibrated replica serves
 
 
 def full() -> DemoPreset:
@@ -133,6 +134,7 @@ def smoke() -> DemoPreset:
     small = tiny().replace(steps=30, eval_windows=16)
     return DemoPreset(
         name="smoke",
+        serve_retention=0.5,
         moe=small.replace(num_workers=2, ep_size=2, cpus_per_worker=0.5),
         testbed=small.replace(model=small.model.replace(indexer=None, moe=None), preset="tiny-dense"),
         indexcache=[
@@ -353,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_serve:
         from pipelines.demo_serve import serve_and_query
 
-        served = st.run("Serve with calibrated configs", preset.budgets_s["serve"], serve_and_query, runs)
+        served = st.run(
+            "Serve with calibrated configs", preset.budgets_s["serve"], serve_and_query, runs, preset.serve_retention
+        )
     from pipelines.demo_summary import print_summary
 
     print_summary(runs, served, time.perf_counter() - t0, st.times)

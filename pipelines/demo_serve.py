@@ -31,7 +31,7 @@ def _stream(base: str, model: str, prompt: str) -> str:
     return "".join(text)
 
 
-def serve_and_query(runs: dict, port: int = 8000) -> dict:
+def serve_and_query(runs: dict, retention: float = 0.25, port: int = 8000) -> dict:
     """Deploy the full-cache and the calibrated application side by side; returns what they answered."""
     from ray import serve
 
@@ -39,7 +39,7 @@ def serve_and_query(runs: dict, port: int = 8000) -> dict:
 
     model = f"runs:/{runs['train_moe']}/model"
     common = {"model": model, "replica_cpus": 0.5, "ingress_cpus": 0.05, "max_batch_size": 8}
-    calibrated = {**common, "name": "demo-calibrated", "indexcache": runs["indexcache"], "retention": 0.25}
+    calibrated = {**common, "name": "demo-calibrated", "indexcache": runs["indexcache"], "retention": retention}
     if runs.get("kvtuner_text"):
         calibrated.update(kv_precision=runs["kvtuner_text"])
     if runs.get("prefixkv_text"):
