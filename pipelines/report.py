@@ -109,7 +109,7 @@ def build(out: Path, per_pipeline: int = 1, run_ids: list[str] | None = None, ci
         f"`{tracking.tracking_uri().split('://')[0]}`; every table is one MLflow run (its id heads it).",
         "Method write-ups with the experiment design and the comparisons: "
         "[MOE](MOE.md), [INDEXCACHE](INDEXCACHE.md), [KVTUNER](KVTUNER.md), [PREFIXKV](PREFIXKV.md), "
-        "[SERVING](SERVING.md), [KERNELS](KERNELS.md).",
+        "[SERVING](SERVING.md), [KERNELS](KERNELS.md), [DEMO](DEMO.md).",
         "",
     ]
     chosen = {p: latest_runs(client, p, per_pipeline) if not cited else [] for p in PIPELINES}
