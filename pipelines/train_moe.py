@@ -15,6 +15,7 @@ The trained model is the MLflow artifact ``model`` (address ``runs:/<run_id>/mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -26,7 +27,7 @@ import torch
 from workers import tracking
 from workers.data.corpus import load_corpus
 from workers.data.shards import write_shards
-from workers.model.config import ConfigError, IndexerConfig, MoEConfig, RouterConfig
+from workers.model.config import ConfigError
 from workers.training.config import RECIPES, TrainConfig, recipe
 from workers.training.evaluate import final_report
 from workers.training.loop import META_FILE, STATE_FILE
@@ -64,37 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given(**values):
+    """The keyword arguments that were actually given on the command line."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe + overrides, validated (a bad value raises a ConfigError naming it)."""
     tc = recipe(args.preset)
     m = tc.model
-    model_changes = {
-        k: v
-        for k, v in {
-            "n_layers": args.n_layers,
-            "d_model": args.d_model,
-            "n_heads": args.n_heads,
-            "n_kv_heads": args.n_kv_heads,
-        }.items()
-        if v is not None
-    }
+    model_changes = _given(
+        n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads
+    )
     if args.topk is not None:
         if m.indexer is None:
             raise ConfigError(f"--topk={args.topk}: preset {args.preset!r} has no indexer")
-        model_changes["indexer"] = IndexerConfig(**{**m.indexer.__dict__, "topk": args.topk})
+        model_changes["indexer"] = dataclasses.replace(m.indexer, topk=args.topk)
     if any(v is not None for v in (args.n_experts, args.router, args.bip_mode)):
         if m.moe is None:
             raise ConfigError(f"--n-experts/--router: preset {args.preset!r} has no MoE")
-        router = RouterConfig(
-            **{
-                **m.moe.router.__dict__,
-                **({"strategy": args.router} if args.router else {}),
-                **({"bip_mode": args.bip_mode} if args.bip_mode else {}),
-            }
-        )
-        model_changes["moe"] = MoEConfig(
-            **{**m.moe.__dict__, "router": router, **({"n_experts": args.n_experts} if args.n_experts else {})}
-        )
+        router = dataclasses.replace(m.moe.router, **_given(strategy=args.router, bip_mode=args.bip_mode))
+        model_changes["moe"] = dataclasses.replace(m.moe, router=router, **_given(n_experts=args.n_experts))
     if model_changes:
         m = m.replace(**model_changes)
     changes = {"model": m}

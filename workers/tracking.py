@@ -39,6 +39,16 @@ def tracking_uri() -> str:
     return f"sqlite:///{DEFAULT_DB}"
 
 
+def _artifact_location(uri: str) -> Path | None:
+    """A local store keeps artifacts beside its database, not in the caller's working directory;
+    a tracking server decides for itself (None)."""
+    if uri.startswith("http"):
+        return None
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        return DEFAULT_ARTIFACTS
+    return Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+
+
 def setup(experiment: str) -> str:
     """Point MLflow at the tracking URI and make sure ``experiment`` exists; returns its id."""
     uri = tracking_uri()
@@ -47,16 +57,7 @@ def setup(experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
-    # A local store keeps artifacts beside the database, not in the caller's working directory.
-    location = (
-        None
-        if uri.startswith("http")
-        else (
-            DEFAULT_ARTIFACTS
-            if "MLFLOW_TRACKING_URI" not in os.environ
-            else Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-        )
-    )
+    location = _artifact_location(uri)
     try:
         return client.create_experiment(experiment, artifact_location=location.as_uri() if location else None)
     except mlflow.exceptions.MlflowException:

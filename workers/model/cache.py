@@ -24,6 +24,10 @@ class KVView:
     pos: torch.Tensor  # [B, S] long, -1 = empty slot
     idx_k: torch.Tensor | None = None  # [B, S, Di]
 
+    def nbytes(self) -> int:
+        """Bytes held by keys, values and indexer keys."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.idx_k) if t is not None)
+
 
 class KVCacheProtocol(Protocol):
     def update(
@@ -66,11 +70,4 @@ class DynamicCache:
         return 0 if view is None else view.k.shape[1]
 
     def nbytes(self) -> int:
-        total = 0
-        for view in self.layers:
-            if view is None:
-                continue
-            for t in (view.k, view.v, view.idx_k):
-                if t is not None:
-                    total += t.numel() * t.element_size()
-        return total
+        return sum(view.nbytes() for view in self.layers if view is not None)

@@ -133,13 +133,7 @@ class EvictingCache:
 
     def nbytes(self) -> int:
         """Bytes of cached keys, values and indexer keys (what a serving cache must hold)."""
-        total = 0
-        for view in self.layers:
-            if view is not None:
-                for t in (view.k, view.v, view.idx_k):
-                    if t is not None:
-                        total += t.numel() * t.element_size()
-        return total
+        return sum(view.nbytes() for view in self.layers if view is not None)
 
     def positions(self, layer: int) -> torch.Tensor:
         """[B, S] true positions this layer still holds, ascending."""

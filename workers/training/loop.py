@@ -138,7 +138,6 @@ def train_loop(config: dict) -> None:
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", mininterval=2.0)
-    pending: list = []
     t_last, tok_since = time.perf_counter(), 0
     model.train()
     for step in range(start, tc.steps):
@@ -164,9 +163,7 @@ def train_loop(config: dict) -> None:
                 from mlflow.entities import Metric
 
                 ts = int(time.time() * 1000)
-                pending.extend(Metric(k, float(v), ts, step + 1) for k, v in m.items())
-                client.log_batch(config["run_id"], metrics=pending)
-                pending = []
+                client.log_batch(config["run_id"], metrics=[Metric(k, float(v), ts, step + 1) for k, v in m.items()])
         if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
