@@ -4,6 +4,7 @@ a crashed run ends FAILED with what it logged, and --resume continues from its l
 from __future__ import annotations
 
 import mlflow
+import torch
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -82,3 +83,39 @@ def test_tracking_uri_refuses_file_stores(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
     with pytest.raises(tracking.TrackingError, match="file:///tmp/mlruns"):
         tracking.tracking_uri()
+
+
+def test_retrieval_curriculum_stages_batches_and_weights(corpus):
+    """Each curriculum stage yields its own sequences with loss on the answer bytes only; the main
+    task follows at full length with text mixed in and answer bytes up-weighted."""
+    from workers.data.retrieval import VALUE_LEN
+    from workers.training.batches import weighted_batch
+    from workers.training.config import CurriculumStage, TrainConfig, recipe
+
+    tc = recipe("retrieval")
+    assert tc.curriculum_steps == 4000 and TrainConfig.from_dict(tc.to_dict()) == tc
+    assert tc.flat_params()["train.curriculum"].startswith("blank:64:1-1:q1:1000,")
+    tokens = corpus.tokens("train")
+    first = tc.curriculum[0].steps
+    assert tc.stage_at(first - 1) is tc.curriculum[0] and tc.stage_at(first) is tc.curriculum[1]
+    assert tc.stage_at(tc.curriculum_steps) is None
+
+    x, w = weighted_batch(tc, 0, 0, tokens, corpus.train)  # one record, blank filler
+    assert x.shape == (tc.batch_size, 64)
+    assert torch.equal(w.sum(1), torch.full((tc.batch_size,), float(VALUE_LEN)))  # one answer, nothing else
+    text = bytes(x[0].tolist())
+    assert text.count(b"#") == 1 and set(text) <= set(b" #?=;abcdefghijklmnopqrstuvwxyz0123456789")
+
+    x, w = weighted_batch(tc, tc.curriculum_steps - 1, 0, tokens, corpus.train)  # text filler
+    assert x.shape == (tc.batch_size, 64) and set(w.unique().tolist()) == {0.0, 1.0}
+    assert any(ch in bytes(x.flatten().tolist()) for ch in b"ABCDEF(),.")  # real text between records
+
+    x, w = weighted_batch(tc, tc.curriculum_steps, 0, tokens, corpus.train)  # the main task
+    assert x.shape == (tc.batch_size, tc.seq_len) and set(w.unique().tolist()) == {1.0, tc.answer_weight}
+
+    with pytest.raises(ConfigError, match="filler='noise'"):
+        CurriculumStage(steps=10, filler="noise")
+    with pytest.raises(ConfigError, match="length=32"):
+        CurriculumStage(steps=10, length=32)
+    with pytest.raises(ConfigError, match="curriculum"):
+        tc.replace(steps=tc.curriculum_steps)

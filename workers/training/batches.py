@@ -19,9 +19,10 @@ def text_batch(tokens: torch.Tensor, n: int, length: int, g: torch.Generator) ->
     return torch.stack([tokens[s : s + length] for s in starts.tolist()])
 
 
-def answer_weights(x: torch.Tensor, answers: list[list[int]], weight: float) -> torch.Tensor:
-    """Per-prediction loss weights [n, L-1]: ``weight`` on the predictions of retrieval answer bytes."""
-    w = torch.ones(x.shape[0], x.shape[1] - 1)
+def answer_weights(x: torch.Tensor, answers: list[list[int]], weight: float, base: float = 1.0) -> torch.Tensor:
+    """Per-prediction loss weights [n, L-1]: ``weight`` on the predictions of retrieval answer bytes,
+    ``base`` elsewhere."""
+    w = torch.full((x.shape[0], x.shape[1] - 1), base)
     for i, offsets in enumerate(answers):
         for off in offsets:
             w[i, off - 1 : off - 1 + VALUE_LEN] = weight
@@ -33,18 +34,19 @@ def weighted_batch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The batch [batch_size, L] of one worker at one step and its loss weights [batch_size, L-1] (None = uniform).
 
-    L = seq_len, or curriculum_len in the first stage of the retrieval curriculum. Retrieval answer
-    bytes carry ``answer_weight``: they are 3 of ~64 bytes, and without the extra weight the small
-    testbed sat at chance for thousands of steps (measured; see docs/MODELS.md).
+    L = seq_len, or the stage's length during the retrieval curriculum, whose stages train the
+    answer bytes only (the circuit that finds a record forms far faster without the text loss).
+    After it, retrieval answer bytes carry ``answer_weight``: they are 3 of ~64 bytes.
     """
     g = _generator(tc, step, rank)
     if tc.task == "text":
         return text_batch(tokens, tc.batch_size, tc.seq_len, g), None
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-    if step < tc.curriculum_steps:
-        cfg = RetrievalConfig(length=tc.curriculum_len, min_records=2, max_records=4, max_queries=3)
-        x, ans = make_batch(filler, cfg, tc.batch_size, seed)
-        return x, answer_weights(x, ans, tc.answer_weight)
+    stage = tc.stage_at(step)
+    if stage is not None:
+        pad = b" " * (4 * stage.length) if stage.filler == "blank" else filler
+        x, ans = make_batch(pad, stage.retrieval_config(), tc.batch_size, seed)
+        return x, answer_weights(x, ans, 1.0, base=0.0)
     n_ret = round(tc.batch_size * tc.retrieval_frac)
     cfg = RetrievalConfig(length=tc.seq_len, min_records=4, max_records=8, max_queries=tc.max_queries)
     xs, ws = [], []

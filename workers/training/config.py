@@ -10,6 +10,49 @@ from workers.model.config import ConfigError, ModelConfig
 from workers.model.presets import get_preset
 
 TASKS = ("text", "retrieval")
+FILLERS = ("blank", "text")
+
+
+@dataclass(frozen=True)
+class CurriculumStage:
+    """One warm-up stage of the retrieval curriculum: short sequences, loss on answer bytes only.
+
+    ``filler="blank"`` pads between records with spaces, so the record structure is the only
+    thing in the sequence; ``"text"`` uses training text as the final task does. Measured on the
+    2-layer testbed (docs/MODELS.md): straight on text filler, 3000 steps stayed at chance; one
+    record on blank filler, then 2-4 records on blank, then on text, reached 0.95 exact match.
+    """
+
+    steps: int
+    length: int = 64
+    min_records: int = 2
+    max_records: int = 4
+    max_queries: int = 3
+    filler: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"curriculum stage steps={self.steps}: must be >= 1")
+        if self.filler not in FILLERS:
+            raise ConfigError(f"curriculum stage filler={self.filler!r}: one of {FILLERS}")
+        try:
+            self.retrieval_config()
+        except ValueError as e:
+            raise ConfigError(f"curriculum stage {self.describe()}: {e}") from None
+
+    def retrieval_config(self):
+        from workers.data.retrieval import RetrievalConfig
+
+        return RetrievalConfig(
+            length=self.length,
+            min_records=self.min_records,
+            max_records=self.max_records,
+            max_queries=self.max_queries,
+        )
+
+    def describe(self) -> str:
+        """Compact form for MLflow params: filler:length:records:queries:steps."""
+        return f"{self.filler}:{self.length}:{self.min_records}-{self.max_records}:q{self.max_queries}:{self.steps}"
 
 
 @dataclass(frozen=True)
@@ -30,9 +73,8 @@ class TrainConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     task: str = "text"  # text | retrieval (curriculum on the retrieval task mixed with text)
-    retrieval_frac: float = 0.75  # stage 2 share of retrieval sequences in a batch
-    curriculum_steps: int = 0  # stage 1 steps on short retrieval sequences
-    curriculum_len: int = 64
+    retrieval_frac: float = 0.75  # share of retrieval sequences in a batch after the curriculum
+    curriculum: tuple[CurriculumStage, ...] = ()  # warm-up stages, run before the main task
     max_queries: int = 14  # training sequences may carry several queries
     answer_weight: float = 1.0  # loss weight of retrieval answer bytes (text bytes weigh 1)
     ep_size: int = 1  # expert-parallel group size (MoE); 1 = plain data parallel
@@ -64,7 +106,16 @@ class TrainConfig:
         check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         check(self.task in TASKS, "task", f"one of {TASKS}")
         check(0 <= self.retrieval_frac <= 1, "retrieval_frac", "must be in [0, 1]")
-        check(self.curriculum_steps >= 0, "curriculum_steps", "must be >= 0")
+        check(
+            all(st.length <= self.model.max_seq_len for st in self.curriculum),
+            "curriculum",
+            f"stage lengths must be <= max_seq_len={self.model.max_seq_len}",
+        )
+        check(
+            self.curriculum_steps < self.steps,
+            "curriculum",
+            f"its {self.curriculum_steps} steps leave none of steps={self.steps} for the main task",
+        )
         check(self.answer_weight > 0, "answer_weight", "must be > 0")
         check(
             self.ep_size >= 1 and self.num_workers % self.ep_size == 0,
@@ -84,6 +135,18 @@ class TrainConfig:
         check(self.max_failures >= 0, "max_failures", "must be >= 0")
 
     @property
+    def curriculum_steps(self) -> int:
+        return sum(st.steps for st in self.curriculum)
+
+    def stage_at(self, step: int) -> CurriculumStage | None:
+        """The curriculum stage a step belongs to, or None once the main task has started."""
+        for st in self.curriculum:
+            if step < st.steps:
+                return st
+            step -= st.steps
+        return None
+
+    @property
     def uses_indexer(self) -> bool:
         return self.model.indexer is not None
 
@@ -94,13 +157,15 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         d["model"] = ModelConfig.from_dict(d["model"])
+        d["curriculum"] = tuple(CurriculumStage(**st) for st in d.get("curriculum", ()))
         return cls(**d)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def flat_params(self) -> dict[str, Any]:
-        out = {f"train.{k}": v for k, v in self.to_dict().items() if k != "model"}
+        out = {f"train.{k}": v for k, v in self.to_dict().items() if k not in ("model", "curriculum")}
+        out["train.curriculum"] = ",".join(st.describe() for st in self.curriculum) or "none"
         out.update(self.model.flat_params())
         return out
 
@@ -141,19 +206,33 @@ def dense() -> TrainConfig:
 
 
 def retrieval() -> TrainConfig:
-    """The retrieval testbed: a short-sequence curriculum, then full length mixed with text."""
+    """The retrieval testbed: a short-sequence curriculum, then full length mixed with text.
+
+    No weight decay and a constant learning rate after warm-up: the answer-only stages give few
+    gradients per step, and the measured recipe (docs/MODELS.md) ran this way; with cosine decay the
+    later stages ran at a third of the peak rate and the run ended at 0.15 exact match.
+    Seed 1 by default: with seed 0 the 2-4-record stage stalls at a partial solution (loss ~0.7)
+    and the model ends at 0.14 exact match; seed 1 reaches 0.94 (both in docs/MODELS.md).
+    """
     return TrainConfig(
         preset="retrieval",
         model=get_preset("retrieval"),
-        steps=3800,
-        batch_size=16,
+        steps=5000,
+        batch_size=32,
         seq_len=256,
         lr=3e-3,
-        warmup_steps=50,
+        min_lr_frac=1.0,
+        weight_decay=0.0,
+        seed=1,
+        warmup_steps=100,
         task="retrieval",
-        curriculum_steps=3000,
-        curriculum_len=64,
+        curriculum=(
+            CurriculumStage(steps=1000, min_records=1, max_records=1, max_queries=1, filler="blank"),
+            CurriculumStage(steps=2000, filler="blank"),
+            CurriculumStage(steps=1000, filler="text"),
+        ),
         retrieval_frac=0.75,
+        answer_weight=10.0,
         eval_windows=64,
         ckpt_every=500,
         log_every=25,
