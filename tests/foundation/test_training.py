@@ -4,8 +4,8 @@ a crashed run ends FAILED with what it logged, and --resume continues from its l
 from __future__ import annotations
 
 import mlflow
-import torch
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines import train_moe
