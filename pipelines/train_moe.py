@@ -28,7 +28,7 @@ from workers import tracking
 from workers.data.corpus import load_corpus
 from workers.data.shards import write_shards
 from workers.model.config import ConfigError
-from workers.training.config import RECIPES, TrainConfig, recipe
+from workers.training.config import RECIPES, TrainConfig, parse_curriculum, recipe
 from workers.training.evaluate import final_report
 from workers.training.loop import META_FILE, STATE_FILE
 
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", choices=["none", "aux_loss", "loss_free", "bip"], help="MoE routing strategy")
     p.add_argument("--bip-mode", choices=["pre", "causal"], help="BIP: route with this batch's prices or last step's")
     p.add_argument("--corpus", help="'pydoc' (default) or a .txt / .jsonl / .parquet file with a text column")
+    p.add_argument(
+        "--curriculum",
+        help="retrieval warm-up stages, comma-separated filler:length:min-max records:q<queries>:steps "
+        "(e.g. blank:64:1-1:q1:1000,text:64:2-4:q3:1000), or none",
+    )
     p.add_argument("--experiment", default="calibray", help="MLflow experiment name")
     p.add_argument("--run-name", help="MLflow run name")
     p.add_argument(
@@ -106,6 +111,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             changes[name] = v
     if args.workers is not None:
         changes["num_workers"] = args.workers
+    if args.curriculum is not None:
+        changes["curriculum"] = parse_curriculum(args.curriculum)
     return tc.replace(**changes)
 
 

@@ -119,3 +119,30 @@ def test_retrieval_curriculum_stages_batches_and_weights(corpus):
         CurriculumStage(steps=10, length=32)
     with pytest.raises(ConfigError, match="curriculum"):
         tc.replace(steps=tc.curriculum_steps)
+
+    # the CLI form is the logged form, and a malformed stage is named
+    from workers.training.config import parse_curriculum
+
+    spec = tc.flat_params()["train.curriculum"]
+    assert parse_curriculum(spec) == tc.curriculum and parse_curriculum("none") == ()
+    with pytest.raises(ConfigError, match="'blank:64:q1:1000'"):
+        parse_curriculum("blank:64:q1:1000")
+    args = train_moe.build_parser().parse_args(["--preset", "retrieval", "--curriculum", "text:64:2-4:q3:20"])
+    assert train_moe.config_from_args(args).curriculum == (CurriculumStage(steps=20),)
+
+
+@pytest.mark.slow
+def test_retrieval_recipe_reaches_080_exact_match(corpus):
+    """The full testbed recipe (about 8 minutes on one core): >= 0.8 exact match on 1000 held-out
+    queries, as the issue requires (measured 0.936 for the recipe's seed; docs/MODELS.md)."""
+    from workers.data.retrieval import eval_set
+    from workers.eval import retrieval_accuracy
+    from workers.model.cache import DynamicCache
+    from workers.training.config import recipe
+    from workers.training.loop import train_local
+
+    tc = recipe("retrieval")
+    model, _ = train_local(tc, corpus.tokens("train"), corpus.train)
+    data = eval_set(corpus.heldout, n=1000, length=tc.seq_len)
+    acc = retrieval_accuracy(model, data, make_cache=lambda: DynamicCache(tc.model.n_layers))
+    assert acc.accuracy >= 0.8, (acc.accuracy, acc.se)

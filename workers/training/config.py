@@ -51,8 +51,31 @@ class CurriculumStage:
         )
 
     def describe(self) -> str:
-        """Compact form for MLflow params: filler:length:records:queries:steps."""
+        """Compact form for MLflow params and the CLI: filler:length:records:queries:steps."""
         return f"{self.filler}:{self.length}:{self.min_records}-{self.max_records}:q{self.max_queries}:{self.steps}"
+
+    @classmethod
+    def parse(cls, spec: str) -> CurriculumStage:
+        """Inverse of ``describe``: ``"blank:64:1-1:q1:1000"`` -> a stage."""
+        parts = spec.split(":")
+        try:
+            filler, length, records, queries, steps = parts
+            lo, hi = records.split("-")
+            if not queries.startswith("q"):
+                raise ValueError
+            return cls(int(steps), int(length), int(lo), int(hi), int(queries[1:]), filler)
+        except ValueError:
+            raise ConfigError(
+                f"curriculum stage {spec!r}: expected filler:length:min-max records:q<max queries>:steps, "
+                "e.g. blank:64:1-1:q1:1000"
+            ) from None
+
+
+def parse_curriculum(spec: str) -> tuple[CurriculumStage, ...]:
+    """Comma-separated stages (``describe`` format), or ``none``."""
+    if spec.strip().lower() == "none":
+        return ()
+    return tuple(CurriculumStage.parse(part.strip()) for part in spec.split(","))
 
 
 @dataclass(frozen=True)
