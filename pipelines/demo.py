@@ -284,32 +284,31 @@ def main(argv: list[str] | None = None) -> int:
     tb_model = f"runs:/{tb_run}/model"
 
     def kv_both():
-        kvtuner.main(
+        # One work dir per model: a retrained model must not resume another model's search.
+        text = kvtuner.main(
             [
                 "--model",
                 moe_model,
                 "--run-name",
                 f"demo-{preset.name}-kvtuner-text",
                 "--work-dir",
-                f"artifacts/demo/{preset.name}/kvtuner-text",
+                f"artifacts/demo/{preset.name}/kvtuner-text-{moe_run[:8]}",
                 *preset.kvtuner_text,
             ]
-        )
-        text = latest("kvtuner")
+        )["run_id"]
         ret = None
         if preset.kvtuner_retrieval:
-            kvtuner.main(
+            ret = kvtuner.main(
                 [
                     "--model",
                     tb_model,
                     "--run-name",
                     f"demo-{preset.name}-kvtuner-retrieval",
                     "--work-dir",
-                    f"artifacts/demo/{preset.name}/kvtuner-retrieval",
+                    f"artifacts/demo/{preset.name}/kvtuner-retrieval-{tb_run[:8]}",
                     *preset.kvtuner_retrieval,
                 ]
-            )
-            ret = latest("kvtuner")
+            )["run_id"]
         return text, ret
 
     kv_text, kv_ret = st.run("KVTuner (demo model + testbed)", preset.budgets_s["kvtuner"], kv_both)

@@ -66,6 +66,30 @@ def _ray_init() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
 
 
+# Settings that only place the work, not what it computes: a resume may change them.
+_PLACEMENT = ("actors", "cpus_per_actor", "work_dir", "run_name")
+
+
+def check_work_dir(cfg: KVTunerConfig, work: Path) -> None:
+    """Resume only the same search: a work dir holding another model's or settings' state is refused
+    (its profile and trials would silently stand in for this one's)."""
+    mine = {k: v for k, v in cfg.to_params().items() if k not in _PLACEMENT}
+    stamp = work / "search.json"
+    if stamp.is_file():
+        theirs = json.loads(stamp.read_text())
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            shown = ", ".join(f"{k}={theirs.get(k)!r} there vs {mine.get(k)!r} now" for k in diff)
+            raise ValueError(
+                f"--work-dir {work} holds the state of a different search ({shown}); use another --work-dir"
+            )
+    elif (work / "run_id").is_file():
+        raise ValueError(
+            f"--work-dir {work} holds state from an unknown search (no search.json); use another --work-dir"
+        )
+    stamp.write_text(json.dumps(mine, indent=1, sort_keys=True))
+
+
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
     n_layers, head_dim, n_kv_heads = model_shape(cfg.model)  # a missing model fails here, before any work
@@ -82,6 +106,7 @@ def main(argv=None) -> dict:
     calib = build_data(cfg.task, corpus, "calib", cfg.calib_n, cfg.seed + 1, cfg.length, cfg.continuation, (0, 2))
     valid = build_data(cfg.task, corpus, "calib", cfg.valid_n, cfg.seed + 2, cfg.length, cfg.continuation, (1, 2))
     report = build_data(cfg.task, corpus, "heldout", cfg.report_n, cfg.seed + 3, cfg.length, cfg.continuation)
+    check_work_dir(cfg, work)
     run_file = work / "run_id"
     run_id = run_file.read_text().strip() if run_file.is_file() else None
     if run_id:

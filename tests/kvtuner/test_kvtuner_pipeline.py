@@ -94,3 +94,23 @@ def test_pipeline_end_to_end_and_resume(hf_llama, tmp_path, ray_local, mlflow_ur
     assert (work / "profile.json").stat().st_mtime == mtime
     assert client.get_run(res["run_id"]).info.status == "FINISHED"
     assert res2["chosen"] == res["chosen"]
+
+
+def test_work_dir_of_another_search_is_refused(tmp_path):
+    """A work dir resumes only the search that made it: another model (or other settings) would
+    silently reuse its profile and trials, so it is refused by name; placement flags may change."""
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = kvtuner.parse_args(["--model", "runs:/aaaa/model", "--budget", "4.0"])
+    kvtuner.check_work_dir(cfg, work)
+    kvtuner.check_work_dir(
+        kvtuner.parse_args(["--model", "runs:/aaaa/model", "--budget", "4.0", "--actors", "1"]), work
+    )
+    other = kvtuner.parse_args(["--model", "runs:/bbbb/model", "--budget", "4.0"])
+    with pytest.raises(ValueError, match=r"model='runs:/aaaa/model' there vs 'runs:/bbbb/model' now"):
+        kvtuner.check_work_dir(other, work)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "run_id").write_text("0123")
+    with pytest.raises(ValueError, match="unknown search"):
+        kvtuner.check_work_dir(cfg, legacy)
