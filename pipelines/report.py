@@ -112,6 +112,10 @@ def build(out: Path, per_pipeline: int = 1, run_ids: list[str] | None = None, ci
         "[SERVING](SERVING.md), [KERNELS](KERNELS.md), [DEMO](DEMO.md).",
         "",
     ]
+    # The issues' required comparisons, written by hand from the runs below (each cites its run id).
+    headlines = docs_dir / "results" / "HEADLINES.md"
+    if headlines.is_file():
+        lines += [headlines.read_text().rstrip(), ""]
     chosen = {p: latest_runs(client, p, per_pipeline) if not cited else [] for p in PIPELINES}
     if cited:
         for r in cited_runs(client, docs_dir, out):
