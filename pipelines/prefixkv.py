@@ -53,6 +53,7 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--continuation", type=int, default=64, help="scored tokens after the context (text)")
     p.add_argument("--scores", default="sum,window", help="token scorings to calibrate and evaluate")
     p.add_argument("--window", type=int, default=16, help="observation window of the 'window' scoring")
+    p.add_argument("--pool", type=int, default=1, help="average scores over this many neighbouring keys (odd; 1 = off)")
     p.add_argument("--n-sink", type=int, default=4, help="sink tokens always kept (plus the last token)")
     p.add_argument("--max-steps", type=int, default=64, help="bisection step bound")
     p.add_argument("--eval-ratios", default="0.1,0.2,0.5", help="keep ratios evaluated")
@@ -77,6 +78,7 @@ def parse_args(argv=None) -> RunConfig:
         continuation=a.continuation,
         scores=tuple(s.strip() for s in a.scores.split(",") if s.strip()),
         window=a.window,
+        pool=a.pool,
         n_sink=a.n_sink,
         max_steps=a.max_steps,
         eval_ratios=tuple(float(r) for r in a.eval_ratios.split(",") if r.strip()),
@@ -111,7 +113,7 @@ def calibrate(cfg: RunConfig, actors, tokens: torch.Tensor, workdir: Path) -> di
     results = _done_samples(cfg.resume) if cfg.resume else {}
     todo = [i for i in range(tokens.shape[0]) if i not in results]
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-    scores = [ScoreConfig(s, window=cfg.window) for s in cfg.scores]
+    scores = [ScoreConfig(s, window=cfg.window, pool=cfg.pool) for s in cfg.scores]
     log = workdir / Path(SAMPLES_FILE).name
     log.write_text("".join(json.dumps({"index": k, "result": v}) + "\n" for k, v in sorted(results.items())))
     pending = {}
@@ -144,6 +146,7 @@ def write_calibration(cfg: RunConfig, results: dict[int, dict], n_layers: int, w
         "ratios": list(RATIO_GRID),
         "default_score": cfg.scores[0],
         "window": cfg.window,
+        "pool": cfg.pool,
         "scores": {},
     }
     for mode in cfg.scores:
@@ -175,7 +178,7 @@ def write_calibration(cfg: RunConfig, results: dict[int, dict], n_layers: int, w
 def evaluate(cfg: RunConfig, actors, data, calibrated: dict, workdir: Path) -> dict:
     """Shard the held-out examples over the actors; reassemble per-example results in order."""
     specs = method_grid(cfg.eval_ratios, cfg.scores)
-    kw = dict(n_sink=cfg.n_sink, window=cfg.window, calibrated=calibrated, batch_size=cfg.batch_size)
+    kw = dict(n_sink=cfg.n_sink, window=cfg.window, pool=cfg.pool, calibrated=calibrated, batch_size=cfg.batch_size)
     first = data[0]
     n = first.shape[0]
     step = -(-n // len(actors))

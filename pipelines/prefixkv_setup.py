@@ -28,6 +28,7 @@ class RunConfig:
     continuation: int = 64
     scores: tuple[str, ...] = ("sum", "window")
     window: int = 16
+    pool: int = 1  # SnapKV-style score pooling over neighbouring keys (odd; 1 = off)
     n_sink: int = 4
     max_steps: int = 64
     eval_ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
@@ -49,6 +50,8 @@ class RunConfig:
         for field in ("samples", "workers", "context", "continuation", "window", "max_steps", "batch_size"):
             if getattr(self, field) < 1:
                 bad(field, "must be >= 1")
+        if self.pool < 1 or self.pool % 2 == 0:
+            bad("pool", "must be an odd int >= 1 (1 = no pooling)")
         for field in ("eval_samples", "bootstrap", "n_sink"):
             if getattr(self, field) < 0:
                 bad(field, "must be >= 0")

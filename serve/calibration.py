@@ -162,6 +162,7 @@ def parse_prefixkv(d: dict, keep_ratio: float, n_layers: int, score: str | None 
         "n_sink": pkv.n_sink,
         "score": sc.mode,
         "window": sc.window,
+        "pool": sc.pool,
     }
 
 

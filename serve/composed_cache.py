@@ -95,7 +95,9 @@ class ComposedSpec:
             kw.update(
                 fractions=tuple(cal.evict["fractions"]), keep_ratio=cal.evict["keep_ratio"], n_sink=cal.evict["n_sink"]
             )
-            score = score or ScoreConfig(cal.evict.get("score", "sum"), window=cal.evict.get("window", 32))
+            score = score or ScoreConfig(
+                cal.evict.get("score", "sum"), window=cal.evict.get("window", 32), pool=cal.evict.get("pool", 1)
+            )
         return cls(**kw, score=score or ScoreConfig("sum"))
 
 

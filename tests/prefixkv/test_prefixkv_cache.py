@@ -192,3 +192,22 @@ def test_decode_through_evicted_cache_equals_full_model_restricted_to_kept_token
         ref = model(cont, positions=pos, cache=full).logits
         out = model(cont, cache=cache, observer=cache.observe).logits  # default positions from length()
     assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_score_pooling_averages_neighbouring_keys_and_is_validated():
+    """pool=3: each key's score is the mean over itself and its stored neighbours (2 at the edges)."""
+    from pipelines.prefixkv_setup import RunConfig
+    from workers.prefixkv.scoring import received
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 9, 2, 8)
+    q_pos, k_pos = torch.arange(5, 9)[None], torch.arange(9)[None]
+    plain = received(ScoreConfig("window", window=3), q, k, q_pos, k_pos)[0]
+    pooled = received(ScoreConfig("window", window=3, pool=3), q, k, q_pos, k_pos)[0]
+    assert torch.allclose(pooled[4], plain[3:6].mean()) and torch.allclose(pooled[0], plain[:2].mean())
+    assert torch.allclose(pooled[-1], plain[-2:].mean())
+    for bad in (0, 2):
+        with pytest.raises(ValueError, match="pool"):
+            ScoreConfig("sum", pool=bad)
+    with pytest.raises(ValueError, match="--pool=4"):
+        RunConfig(model="x", pool=4)

@@ -50,7 +50,7 @@ class Calibration:
 
     def score(self, mode: str | None = None) -> ScoreConfig:
         mode = mode or self.data["default_score"]
-        return ScoreConfig(mode, window=int(self.data["window"]))
+        return ScoreConfig(mode, window=int(self.data["window"]), pool=int(self.data.get("pool", 1)))
 
     def fractions(self, mode: str | None = None) -> dict[float, list[float]]:
         """{ratio: [L] fractions} for a score mode (the default one if None)."""

@@ -44,9 +44,11 @@ def method_grid(ratios: Sequence[float], scores: Sequence[str]) -> list[MethodSp
     return specs
 
 
-def build_method(spec: MethodSpec, n_layers: int, n_sink: int, window: int, calibrated: dict | None, seed=0):
+def build_method(
+    spec: MethodSpec, n_layers: int, n_sink: int, window: int, calibrated: dict | None, seed=0, pool: int = 1
+):
     """calibrated: {score mode: {ratio: [L] fractions}} (needed by "prefixkv" only)."""
-    score = ScoreConfig(spec.score, window=window, seed=seed)
+    score = ScoreConfig(spec.score, window=window, seed=seed, pool=pool if spec.score in ("sum", "window") else 1)
     cal = (calibrated or {}).get(spec.score) if spec.name == "prefixkv" else None
     return Method(spec.name, spec.ratio, n_layers, score, n_sink, cal)
 
@@ -61,11 +63,12 @@ def eval_nll(
     window: int,
     calibrated: dict | None,
     batch_size: int = 8,
+    pool: int = 1,
 ) -> dict[str, list[float]]:
     """context [N, C], continuation [N, M] -> {spec key: per-example mean NLL (nats)}."""
     out = {}
     for spec in specs:
-        m = build_method(spec, model.cfg.n_layers, n_sink, window, calibrated)
+        m = build_method(spec, model.cfg.n_layers, n_sink, window, calibrated, pool=pool)
         res = continuation_nll(model, context, continuation, batch_size=batch_size, **m.forward_kwargs())
         out[spec.key] = res.per_example
     return out
@@ -80,11 +83,12 @@ def eval_retrieval(
     window: int,
     calibrated: dict | None,
     batch_size: int = 16,
+    pool: int = 1,
 ) -> dict[str, list[int]]:
     """{spec key: per-example exact match (0/1)} on the retrieval task."""
     out = {}
     for spec in specs:
-        m = build_method(spec, model.cfg.n_layers, n_sink, window, calibrated)
+        m = build_method(spec, model.cfg.n_layers, n_sink, window, calibrated, pool=pool)
         res = retrieval_accuracy(model, data, batch_size=batch_size, **m.forward_kwargs())
         out[spec.key] = res.per_example
     return out
