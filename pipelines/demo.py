@@ -122,7 +122,7 @@ def full() -> DemoPreset:
         budgets_s={
             "train_moe": 300,
             "indexcache": 120,
-            "train_testbed": 540,
+            "train_testbed": 600,
             "kvtuner": 150,
             "prefixkv": 120,
             "serve": 60,
