@@ -102,11 +102,11 @@ def main(argv=None) -> dict:
 
     work = Path(cfg.work_dir or f"artifacts/kvtuner/{cfg.name()}").resolve()
     work.mkdir(parents=True, exist_ok=True)
+    check_work_dir(cfg, work)  # before the data is built: a wrong work dir fails at once
     corpus = load_corpus(cfg.corpus)
     calib = build_data(cfg.task, corpus, "calib", cfg.calib_n, cfg.seed + 1, cfg.length, cfg.continuation, (0, 2))
     valid = build_data(cfg.task, corpus, "calib", cfg.valid_n, cfg.seed + 2, cfg.length, cfg.continuation, (1, 2))
     report = build_data(cfg.task, corpus, "heldout", cfg.report_n, cfg.seed + 3, cfg.length, cfg.continuation)
-    check_work_dir(cfg, work)
     run_file = work / "run_id"
     run_id = run_file.read_text().strip() if run_file.is_file() else None
     if run_id:

@@ -85,3 +85,28 @@ def tiny_dense_checkpoint(tiny_dense_trained, session_dir) -> Path:
     from workers.model import checkpoint
 
     return checkpoint.save(tiny_dense_trained[1], session_dir / "tiny_dense_model")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """make(name, **sizes) -> directory of a seeded, randomly initialised byte-vocabulary
+    LlamaForCausalLM (4 heads, 2 KV heads), saved with save_pretrained."""
+
+    def make(name: str, *, hidden_size: int, intermediate_size: int, num_hidden_layers: int):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        path = tmp_path_factory.mktemp(name)
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=256,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+        LlamaForCausalLM(cfg).save_pretrained(path)
+        return path
+
+    return make

@@ -19,23 +19,8 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def hf_llama(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("kvt_llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+def hf_llama(tiny_llama_dir):
+    return tiny_llama_dir("kvt_llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3)
 
 
 def test_bad_inputs_fail_before_any_run(hf_llama, tmp_path, mlflow_uri):

@@ -15,23 +15,11 @@ from workers.prefixkv.methods import Method
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny(tiny_llama_dir):
+    from transformers import LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    ref = LlamaForCausalLM(cfg).eval()
-    ref.save_pretrained(path)
-    return ref, path
+    path = tiny_llama_dir("tiny_llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    return LlamaForCausalLM.from_pretrained(path).eval(), path
 
 
 @pytest.fixture(scope="module")

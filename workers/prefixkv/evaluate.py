@@ -48,7 +48,7 @@ def build_method(
     spec: MethodSpec, n_layers: int, n_sink: int, window: int, calibrated: dict | None, seed=0, pool: int = 1
 ):
     """calibrated: {score mode: {ratio: [L] fractions}} (needed by "prefixkv" only)."""
-    score = ScoreConfig(spec.score, window=window, seed=seed, pool=pool if spec.score in ("sum", "window") else 1)
+    score = ScoreConfig(spec.score, window=window, seed=seed, pool=pool)  # pool only touches attention scores
     cal = (calibrated or {}).get(spec.score) if spec.name == "prefixkv" else None
     return Method(spec.name, spec.ratio, n_layers, score, n_sink, cal)
 

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.data.retrieval import RetrievalConfig
 from workers.model.config import ConfigError, ModelConfig
 from workers.model.presets import get_preset
 
@@ -40,9 +41,7 @@ class CurriculumStage:
         except ValueError as e:
             raise ConfigError(f"curriculum stage {self.describe()}: {e}") from None
 
-    def retrieval_config(self):
-        from workers.data.retrieval import RetrievalConfig
-
+    def retrieval_config(self) -> RetrievalConfig:
         return RetrievalConfig(
             length=self.length,
             min_records=self.min_records,
