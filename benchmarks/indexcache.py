@@ -25,13 +25,13 @@ import time
 
 import torch
 
-from tuning.indexcache_cost import naive_units
-from tuning.indexcache_fidelity import FidelityConfig
-from tuning.indexcache_patterns import n_full_layers, uniform_interleave
-from tuning.indexcache_search import SearchState, greedy_search
+from tuning.indexcache.cost import naive_units
+from tuning.indexcache.fidelity import FidelityConfig
+from tuning.indexcache.patterns import n_full_layers, uniform_interleave
+from tuning.indexcache.search import SearchState, greedy_search
 from workers.data.corpus import SplitConfig, load_corpus
-from workers.indexcache_eval import ShardEvaluator, window_nll
-from workers.indexcache_report import paired
+from workers.indexcache.evaluate import ShardEvaluator, window_nll
+from workers.indexcache.report import paired
 
 
 def run_search(model, windows, retentions, mode, batch_size, fidelity=None) -> tuple[SearchState, float, int]:
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.mlflow:
         import mlflow
 
-        from workers import tracking
+        from workers.runtime import tracking
 
         with tracking.start_run("indexcache_benchmark", params={**vars(a), "threads": a.threads}) as r:
             tracking.log_metrics(_flatten(results))

@@ -284,7 +284,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     if not args.no_mlflow:
-        from workers import tracking
+        from workers.runtime import tracking
 
         with tracking.start_run("bench_kernels", params={**vars(args), "machine": machine}) as run:
             metrics = {f"speedup_{i:02d}": base / ours for i, (_, _, ours, base) in enumerate(rows)}

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import decode_attention, decode_attention_dense
-from workers.kvcache import KVQuantConfig, PackedKVCache, make_cache
-from workers.model.cache import DynamicCache
+from workers.caches.precision import KVQuantConfig
+from workers.caches.protocol import DynamicCache
+from workers.caches.quantized import PackedKVCache, make_cache
 
 
 def fill(cache, n_layers: int, S: int, H: int, D: int, chunk: int = 512, seed: int = 0):
@@ -116,7 +117,7 @@ def _hf_dir(model: str) -> Path:
     if model.startswith("hf:"):
         return Path(model[3:])
     from workers.model.checkpoint import load
-    from workers.model.hf_export import export_llama
+    from workers.model.hf.export import export_llama
 
     out = Path(tempfile.mkdtemp(prefix="kvt-hf-"))
     export_llama(load(model), out)
@@ -131,8 +132,8 @@ def vs_quantized_cache(model: str, searched: KVQuantConfig | None, n: int, lengt
 
     from workers.data.corpus import load_corpus
     from workers.eval import continuation_nll
-    from workers.hf_adapter import load_hf
-    from workers.kvcache.evaluate import build_data
+    from workers.kvtuner.evaluate import build_data
+    from workers.model.hf.address import load_hf
 
     path = _hf_dir(model)
     ours = load_hf(f"hf:{path}")

@@ -23,10 +23,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from workers import tracking
 from workers.model.config import MoEConfig, RouterConfig
-from workers.moe.ffn import MoEFFN
-from workers.moe.router import Router
+from workers.model.moe.ffn import MoEFFN
+from workers.model.moe.router import Router
+from workers.runtime import tracking
 
 
 def bench_pair(

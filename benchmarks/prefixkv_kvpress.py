@@ -203,8 +203,8 @@ def run_calibray(a, ratios) -> dict:
     """calibray half (main environment): PrefixKV, uniform and pyramid with the calibrated scoring."""
     import transformers
 
-    from workers.hf_adapter import load_hf
-    from workers.prefixkv.calibration_file import load_calibration
+    from workers.model.hf.address import load_hf
+    from workers.prefixkv.artifact import load_calibration
     from workers.prefixkv.methods import Method
 
     cal = load_calibration(a.calibration)

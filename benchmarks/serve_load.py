@@ -128,11 +128,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from serve.app import build
     from serve.config import ServeArgs
-    from workers import tracking
     from workers.model import checkpoint
     from workers.model.presets import get_preset
     from workers.model.transformer import CalibLM
-    from workers.ray_utils import init_ray
+    from workers.runtime import tracking
+    from workers.runtime.cluster import init_ray
 
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     model = a.model

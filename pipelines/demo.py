@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from mlflow.tracking import MlflowClient
 
 from pipelines import train_moe
-from workers import tracking
+from workers.runtime import tracking
 from workers.training.config import TrainConfig, demo, retrieval, tiny
 
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]()
     from pipelines import indexcache, kvtuner, prefixkv
-    from workers.ray_utils import init_ray
+    from workers.runtime.cluster import init_ray
 
     init_ray()
     st = Stages(7 if not args.no_serve else 6)

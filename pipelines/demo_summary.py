@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from workers import tracking
+from workers.runtime import tracking
 
 
 def _m(run_id: str | None) -> dict[str, float]:

@@ -28,15 +28,15 @@ from dataclasses import asdict, dataclass, field
 import mlflow
 import torch
 
-from tuning.indexcache_cost import analytic_units, naive_units
-from tuning.indexcache_fidelity import EXACT, FidelityConfig
-from tuning.indexcache_search import SearchState, StepRecord, check_compatible, greedy_search, trace_rows
-from workers import tracking
+from tuning.indexcache.cost import analytic_units, naive_units
+from tuning.indexcache.fidelity import EXACT, FidelityConfig
+from tuning.indexcache.search import SearchState, StepRecord, check_compatible, greedy_search, trace_rows
 from workers.data.corpus import SplitConfig, load_corpus
-from workers.indexcache_actor import ActorPool
-from workers.indexcache_report import log_rows
+from workers.indexcache.actor import ActorPool
+from workers.indexcache.report import log_rows
 from workers.model import checkpoint
-from workers.ray_utils import init_ray
+from workers.runtime import tracking
+from workers.runtime.cluster import init_ray
 
 log = logging.getLogger("pipelines.indexcache")
 STATE_ARTIFACT = "search/state.json"
@@ -76,7 +76,7 @@ class IndexCacheConfig:
     tags: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from tuning.indexcache_patterns import validate_retention
+        from tuning.indexcache.patterns import validate_retention
 
         object.__setattr__(self, "retentions", tuple(float(r) for r in self.retentions))
         object.__setattr__(self, "fidelity_rungs", tuple(float(r) for r in self.fidelity_rungs))
@@ -185,7 +185,7 @@ def run(
     on_step: Callable[[SearchState, StepRecord, ActorPool], None] | None = None,
 ) -> dict:
     """Run (or resume) a search and its reports in one MLflow run; returns the summary."""
-    from workers.indexcache_report import report
+    from workers.indexcache.report import report
 
     model = load_model(cfg.model)
     seq_len = cfg.seq_len or model.cfg.max_seq_len

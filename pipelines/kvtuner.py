@@ -17,18 +17,93 @@ State lives in --work-dir: rerunning the same command resumes the same MLflow ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuning.kvtuner_config import KVTunerConfig, model_shape
-from tuning.kvtuner_profile import Profile, WorkerPool, run_profile
-from tuning.kvtuner_report import front_rows, markdown_table, paired, plot_heatmap, plot_pareto, select_for_budget
-from tuning.kvtuner_search import SpaceSpec, run_search
-from tuning.kvtuner_space import UNIFORM_BASELINES, cluster_layers, group_candidates, nearest_candidate, parse_pair
+from kernels.kv_quant import MODES
+from tuning.kvtuner.profile import Profile
+from tuning.kvtuner.search import SpaceSpec, run_search
+from tuning.kvtuner.space import (
+    UNIFORM_BASELINES,
+    cluster_layers,
+    group_candidates,
+    nearest_candidate,
+    parse_pair,
+    validate_budget,
+)
+from workers.kvtuner.actors import run_profile
+from workers.kvtuner.report import front_rows, markdown_table, paired, plot_heatmap, plot_pareto, select_for_budget
+from workers.model.hf.address import model_shape
+from workers.runtime.pool import WorkerPool
 
 PIPELINE = "kvtuner"
+TASKS = ("text", "retrieval")
+
+
+@dataclass(frozen=True)
+class KVTunerConfig:
+    model: str
+    budget: list[float] = field(default_factory=lambda: [4.0, 3.25])
+    task: str = "text"
+    mode: str = "kivi"
+    group: int = 32
+    residual: int = 32
+    clusters: int = 4
+    num_samples: int = 48
+    population: int = 8
+    baselines: list[str] = field(default_factory=lambda: list(UNIFORM_BASELINES))
+    length: int = 256
+    continuation: int = 32
+    calib_n: int = 32
+    valid_n: int = 64
+    report_n: int = 256
+    fidelity2: bool = True
+    seed: int = 0
+    corpus: str = "pydoc"
+    actors: int = 2
+    cpus_per_actor: float = 1.0
+    work_dir: str | None = None
+    run_name: str | None = None
+
+    def __post_init__(self):
+        if not self.budget:
+            raise ValueError("budget: give at least one average-bits budget")
+        object.__setattr__(self, "budget", [validate_budget(b) for b in self.budget])
+        object.__setattr__(self, "baselines", [parse_pair(b).name for b in self.baselines])
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("group", "clusters", "num_samples", "calib_n", "valid_n", "report_n", "actors", "length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.residual < 0:
+            raise ValueError(f"residual must be >= 0, got {self.residual!r}")
+        if self.population < 2:
+            raise ValueError(f"population must be >= 2 (NSGA-II), got {self.population!r}")
+        if self.task == "text" and not 0 < self.continuation < self.length:
+            raise ValueError(f"continuation must be in (0, length={self.length}), got {self.continuation!r}")
+        if self.cpus_per_actor <= 0:
+            raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor!r}")
+
+    def quant(self) -> dict:
+        """Quantizer settings shared by every cache of the run (KVQuantConfig keyword arguments)."""
+        return {"mode": self.mode, "group": self.group, "residual": self.residual}
+
+    def check_model(self, n_layers: int) -> None:
+        if n_layers < 1:
+            raise ValueError(f"model {self.model!r} has no layers")
+
+    def name(self) -> str:
+        return self.run_name or f"{Path(str(self.model).rstrip('/')).name}-{self.task}-{self.mode}"
+
+    def to_params(self) -> dict:
+        return {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 def parse_args(argv=None) -> KVTunerConfig:
@@ -96,9 +171,9 @@ def main(argv=None) -> dict:
     cfg.check_model(n_layers)
     import mlflow
 
-    from workers import tracking
     from workers.data.corpus import load_corpus
-    from workers.kvcache.evaluate import build_data
+    from workers.kvtuner.evaluate import build_data
+    from workers.runtime import tracking
 
     work = Path(cfg.work_dir or f"artifacts/kvtuner/{cfg.name()}").resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -130,8 +205,8 @@ def main(argv=None) -> dict:
 def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, valid, report) -> dict:
     from ray import tune
 
-    from tuning.kvtuner_results import final_report
-    from workers.kvcache.actors import KVTrial, KVWorker
+    from workers.kvtuner.actors import KVTrial, KVWorker
+    from workers.kvtuner.results import final_report
 
     quant = cfg.quant()
     out = work / "out"

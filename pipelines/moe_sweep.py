@@ -25,10 +25,10 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from workers import tracking
 from workers.model.config import ConfigError
 from workers.moe.experiment import ARMS, ExperimentConfig
 from workers.moe.report import comparison_table, markdown, plot_maxvio, trials_table
+from workers.runtime import tracking
 
 ARTIFACTS = tracking.REPO_ROOT / "artifacts"
 
@@ -143,8 +143,8 @@ def run(
     preset: str = "custom",
 ) -> dict:
     """Run the sweep and log it; returns {"run_id", "children", "comparison" (DataFrame)}."""
-    from tuning.moe_sweep import run_sweep
-    from workers.ray_utils import init_ray
+    from workers.moe.sweep import run_sweep
+    from workers.runtime.cluster import init_ray
 
     if resume:
         tracking.setup(experiment)

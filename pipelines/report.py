@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from workers import tracking
+from workers.runtime import tracking
 
 PIPELINES = ("train_moe", "moe_sweep", "indexcache", "kvtuner", "prefixkv")
 IMAGE_SUFFIXES = (".png", ".svg", ".jpg")

@@ -24,10 +24,10 @@ from pathlib import Path
 import mlflow
 import torch
 
-from workers import tracking
 from workers.data.corpus import load_corpus
 from workers.data.shards import write_shards
 from workers.model.config import ConfigError
+from workers.runtime import tracking
 from workers.training.config import RECIPES, TrainConfig, parse_curriculum, recipe
 from workers.training.evaluate import final_report
 from workers.training.loop import META_FILE, STATE_FILE
@@ -152,9 +152,9 @@ def fit(tc: TrainConfig, run_id: str, corpus, resume_dir: Path | None, extra: di
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from workers.moe.train_loop import moe_train_loop, needs_moe_loop
-    from workers.ray_utils import init_ray
+    from workers.runtime.cluster import init_ray
     from workers.training.loop import train_loop
+    from workers.training.moe_loop import moe_train_loop, needs_moe_loop
 
     init_ray()
     use_gpu = torch.cuda.is_available()

@@ -59,7 +59,7 @@ def load_json(arg: str, value: str) -> dict:
     if RUN_ID.match(value) or value.startswith("runs:/"):
         import mlflow
 
-        from workers.tracking import tracking_uri
+        from workers.runtime.tracking import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
         uri = f"runs:/{value}/{ARTIFACT_NAMES[arg]}" if RUN_ID.match(value) else value
@@ -141,12 +141,12 @@ def parse_kv_precision(d: dict, budget: float | None, n_layers: int) -> dict:
 
 
 def parse_prefixkv(d: dict, keep_ratio: float, n_layers: int, score: str | None = None) -> dict:
-    """prefixkv.json (workers.prefixkv.calibration_file, version 1) -> per-layer fractions at keep_ratio.
+    """prefixkv.json (workers.prefixkv.artifact, version 1) -> per-layer fractions at keep_ratio.
 
     Ratios on the calibrated grid are used as stored; others are interpolated by the PrefixKV
     helper's schedule (tuning.prefixkv_plan.schedule_fractions)."""
-    from tuning.prefixkv_plan import schedule_fractions
-    from workers.prefixkv.calibration_file import Calibration as PrefixKVCalibration
+    from tuning.prefixkv.plan import schedule_fractions
+    from workers.prefixkv.artifact import Calibration as PrefixKVCalibration
 
     try:
         pkv = PrefixKVCalibration(d)

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serve.batch_cache import BatchCache
 from serve.sampling import make_generator, sample_next
 from serve.textstream import TextStream
+from workers.caches.batch import BatchCache
 
 
 @dataclass(frozen=True)

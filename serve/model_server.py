@@ -36,7 +36,7 @@ def describe_model(address: str) -> ModelInfo:
     """runs:/<id>/model, a checkpoint directory, or hf:<dir> -> ModelInfo (reads configs only).
 
     Serving tokenizes with the byte tokenizer, so an hf: model must have the 256-token byte
-    vocabulary (the project's own exports, workers.model.hf_export); others are refused here."""
+    vocabulary (the project's own exports, workers.model.hf.export); others are refused here."""
     if address.startswith("hf:"):
         from transformers import AutoConfig
 
@@ -57,8 +57,8 @@ def describe_model(address: str) -> ModelInfo:
 
 
 def load_model(address: str, device: str) -> torch.nn.Module:
-    """CalibLM for runs:/ and checkpoint directories, HFCausalLM (workers.hf_adapter) for hf:."""
-    from workers.hf_adapter import load_any
+    """CalibLM for runs:/ and checkpoint directories, HFCausalLM (workers.model.hf.address) for hf:."""
+    from workers.model.hf.address import load_any
 
     return load_any(address, device=device).eval()
 

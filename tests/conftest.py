@@ -35,7 +35,7 @@ def ray_local():
     """One in-process Ray cluster for the whole session (loopback only)."""
     import ray
 
-    from workers.ray_utils import init_ray
+    from workers.runtime.cluster import init_ray
 
     init_ray(num_cpus=4)  # logical CPUs: lets fractional actors and 2 train workers coexist on 2 cores
     yield ray

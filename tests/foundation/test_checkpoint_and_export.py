@@ -31,7 +31,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_exported_hf_llama_gives_the_same_logits(tiny_dense_trained, tmp_path):
     from transformers import LlamaForCausalLM
 
-    from workers.model.hf_export import export_llama
+    from workers.model.hf.export import export_llama
 
     _, model, _ = tiny_dense_trained
     export_llama(model, tmp_path / "hf")
@@ -48,7 +48,7 @@ def test_exported_hf_llama_gives_the_same_logits(tiny_dense_trained, tmp_path):
 
 def test_export_refuses_non_llama_configs(tiny_trained, tmp_path):
     from workers.model.config import ConfigError
-    from workers.model.hf_export import export_llama
+    from workers.model.hf.export import export_llama
 
     with pytest.raises(ConfigError, match="only dense Llama-shaped"):
         export_llama(tiny_trained[1], tmp_path / "x")

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from workers.caches.protocol import DynamicCache
 from workers.data.corpus import CorpusError, SplitConfig, load_corpus
 from workers.data.retrieval import RetrievalConfig, RetrievalError, eval_set, make_batch
 from workers.data.shards import read_shard, write_shards
 from workers.data.tokenizer import ByteTokenizer
 from workers.eval import continuation_nll, heldout_nll, retrieval_accuracy
-from workers.model.cache import DynamicCache
 
 
 def test_default_split_is_disjoint_deterministic_and_hashed(corpus):

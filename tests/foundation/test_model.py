@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from workers.model.cache import DynamicCache
+from workers.caches.protocol import DynamicCache
 from workers.model.config import ConfigError, IndexerConfig, ModelConfig, MoEConfig
 from workers.model.presets import tiny
 from workers.model.transformer import CalibLM

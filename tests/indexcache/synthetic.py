@@ -4,7 +4,7 @@ Row r's loss for a pattern is a fixed function of which layers are S and of how 
 S runs are (reusing an index for many layers costs more), plus a per-row, per-layer offset,
 so slices of the set rank candidates slightly differently from the full set. Costs are
 counted the way the real evaluators run layers (prefix reuse with a lazily refreshed cache,
-or naive full forwards), independently of tuning.indexcache_cost.
+or naive full forwards), independently of tuning.indexcache.cost.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import math
 import random
 from collections.abc import Sequence
 
-from tuning.indexcache_losses import LossSum
-from tuning.indexcache_patterns import flip, serving_layer
+from tuning.indexcache.losses import LossSum
+from tuning.indexcache.patterns import flip, serving_layer
 
 
 class SyntheticEvaluator:

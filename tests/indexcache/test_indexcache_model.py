@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuning.indexcache_cost import analytic_units, naive_units
-from tuning.indexcache_fidelity import FidelityConfig
-from tuning.indexcache_search import SearchState, greedy_search
-from workers.indexcache_distill import DistillConfig, distill, multi_layer_kl
-from workers.indexcache_eval import ShardEvaluator, topk_overlap, window_nll
+from tuning.indexcache.cost import analytic_units, naive_units
+from tuning.indexcache.fidelity import FidelityConfig
+from tuning.indexcache.search import SearchState, greedy_search
+from workers.indexcache.distill import DistillConfig, distill, multi_layer_kl
+from workers.indexcache.evaluate import ShardEvaluator, topk_overlap, window_nll
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import ray
 
 from pipelines.indexcache import IndexCacheConfig, SearchStopped, main, resume_config, run
-from tuning.indexcache_cost import analytic_units
-from tuning.indexcache_search import SearchState, greedy_search
-from workers.indexcache_actor import ActorPool
+from tuning.indexcache.cost import analytic_units
+from tuning.indexcache.search import SearchState, greedy_search
+from workers.indexcache.actor import ActorPool
 
 
 @pytest.fixture(scope="module")

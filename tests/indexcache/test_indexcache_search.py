@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tests.indexcache.synthetic import SyntheticEvaluator
-from tuning.indexcache_cost import analytic_units, naive_units
-from tuning.indexcache_fidelity import FidelityConfig, score_candidates
-from tuning.indexcache_losses import LossSum, reduce_shards
-from tuning.indexcache_patterns import (
+from tuning.indexcache.cost import analytic_units, naive_units
+from tuning.indexcache.fidelity import FidelityConfig, score_candidates
+from tuning.indexcache.losses import LossSum, reduce_shards
+from tuning.indexcache.patterns import (
     flip,
     indexer_fraction_removed,
     n_full_layers,
@@ -16,7 +16,7 @@ from tuning.indexcache_patterns import (
     uniform_interleave,
     validate_pattern,
 )
-from tuning.indexcache_search import SearchState, check_compatible, greedy_search, trace_rows
+from tuning.indexcache.search import SearchState, check_compatible, greedy_search, trace_rows
 
 
 def test_retention_rounding_and_uniform_interleave():

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import decode_attention
-from workers.kvcache import FakeQuantCache, KVQuantConfig, PackedKVCache, make_cache
+from workers.caches.precision import KVQuantConfig
+from workers.caches.quantized import FakeQuantCache, PackedKVCache, make_cache
 
 B, H, DH = 2, 2, 12  # Dh = 12 with G = 8: the last value channel group is short (4 channels)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from workers.caches.precision import KVQuantConfig
+from workers.caches.protocol import DynamicCache
+from workers.caches.quantized import make_cache
 from workers.eval import continuation_nll
-from workers.hf_adapter import HFModelError, load_hf
-from workers.kvcache import KVQuantConfig, make_cache
-from workers.model.cache import DynamicCache
+from workers.model.hf.address import HFModelError, load_hf
 
 
 def _tiny_hf(kind: str, path):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tuning.kvtuner_config import KVTunerConfig, model_shape
-from tuning.kvtuner_report import paired, select_for_budget
-from tuning.kvtuner_search import GuardedSearcher, SpaceSpec, make_optuna_search
-from tuning.kvtuner_space import (
+from pipelines.kvtuner import KVTunerConfig
+from tuning.kvtuner.search import GuardedSearcher, SpaceSpec, make_optuna_search
+from tuning.kvtuner.space import (
     PAIRS,
     Pair,
     cluster_layers,
@@ -19,6 +18,8 @@ from tuning.kvtuner_space import (
     parse_pair,
     validate_budget,
 )
+from workers.kvtuner.report import paired, select_for_budget
+from workers.model.hf.address import model_shape
 
 
 def test_pairs_and_bits():
@@ -101,7 +102,7 @@ def test_driver_config_errors_before_work(tmp_path):
 
 
 def test_nearest_candidate_stands_in_for_pruned_pairs():
-    from tuning.kvtuner_space import nearest_candidate
+    from tuning.kvtuner.space import nearest_candidate
 
     cands = [Pair(8, 8), Pair(4, 8), Pair(4, 4), Pair(2, 4), Pair(2, 2)]
     assert nearest_candidate(Pair(4, 2), cands) == Pair(2, 4)  # K4V2 pruned: same bits, closest keys

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from workers.model.config import ModelConfig, MoEConfig, RouterConfig
+from workers.model.moe.distributed import balancing_step, moe_layers, shard_model
+from workers.model.moe.expert_parallel import EPGroups, init_ep_groups, is_expert_param, sync_gradients
 from workers.model.transformer import CalibLM, lm_loss
-from workers.moe.distributed import balancing_step, moe_layers, shard_model
-from workers.moe.expert_parallel import EPGroups, init_ep_groups, is_expert_param, sync_gradients
-from workers.moe.optim import MoEOptimizer
+from workers.training.moe_optim import MoEOptimizer
 
 ROWS_PER_RANK = 2
 

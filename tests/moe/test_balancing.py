@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.moe.balancing import (
+from workers.model.moe.balancing import (
     aux_loss,
     bip_prices,
     capacity,
@@ -15,7 +15,7 @@ from workers.moe.balancing import (
     max_vio,
     select_topk,
 )
-from workers.moe.metrics import MaxVioTracker, rank_loads, straggler_ratio
+from workers.model.moe.metrics import MaxVioTracker, rank_loads, straggler_ratio
 
 
 def skewed_scores(n: int = 512, m: int = 16, seed: int = 0, fn: str = "softmax") -> torch.Tensor:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from workers.model.config import ModelConfig, MoEConfig, RouterConfig
+from workers.model.moe.balancing import max_vio
+from workers.model.moe.distributed import balancing_step, moe_layers, routers
+from workers.model.moe.ffn import MoEFFN, capacity_mask
 from workers.model.transformer import CalibLM, lm_loss
-from workers.moe.balancing import max_vio
-from workers.moe.distributed import balancing_step, moe_layers, routers
-from workers.moe.ffn import MoEFFN, capacity_mask
 
 ARMS = {
     "none": RouterConfig(strategy="none"),

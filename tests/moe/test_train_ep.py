@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from pipelines import train_moe
 from workers.model.config import ConfigError, RouterConfig
 from workers.model.presets import tiny as tiny_model
-from workers.moe.train_loop import needs_moe_loop
 from workers.training.config import tiny
+from workers.training.moe_loop import needs_moe_loop
 
 
 def ep_config(**changes):

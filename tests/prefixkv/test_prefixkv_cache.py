@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from kernels import attention_received
+from workers.caches.evicting import EvictingCache
+from workers.caches.protocol import DynamicCache
+from workers.caches.scoring import ScoreConfig
 from workers.eval import continuation_logits
-from workers.model.cache import DynamicCache
 from workers.model.presets import get_preset
 from workers.model.transformer import CalibLM
-from workers.prefixkv.cache import EvictingCache
 from workers.prefixkv.importance import collect_importance
 from workers.prefixkv.methods import Method
-from workers.prefixkv.scoring import ScoreConfig
 
 L = 4  # tiny preset layers
 
@@ -196,8 +196,8 @@ def test_decode_through_evicted_cache_equals_full_model_restricted_to_kept_token
 
 def test_score_pooling_averages_neighbouring_keys_and_is_validated():
     """pool=3: each key's score is the mean over itself and its stored neighbours (2 at the edges)."""
-    from pipelines.prefixkv_setup import RunConfig
-    from workers.prefixkv.scoring import received
+    from pipelines.prefixkv import RunConfig
+    from workers.caches.scoring import received
 
     torch.manual_seed(0)
     q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 9, 2, 8)

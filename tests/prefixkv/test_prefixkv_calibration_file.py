@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from tuning.prefixkv import RATIO_GRID
+from tuning.prefixkv.search import RATIO_GRID
+from workers.prefixkv.artifact import load_calibration, save_calibration
 from workers.prefixkv.calibrate import bootstrap_se, reduce_samples
-from workers.prefixkv.calibration_file import load_calibration, save_calibration
 
 
 def _data(n_layers=3):

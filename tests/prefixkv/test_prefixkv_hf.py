@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from workers.caches.scoring import ScoreConfig
 from workers.eval import continuation_logits
-from workers.hf_adapter import load_hf
-from workers.model.hf_export import export_llama
+from workers.model.hf.address import load_hf
+from workers.model.hf.export import export_llama
 from workers.prefixkv.importance import collect_importance
 from workers.prefixkv.methods import Method
-from workers.prefixkv.scoring import ScoreConfig
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from benchmarks.prefixkv_kvpress import SETTINGS, calibray_logits, kvpress_logits, main, retrieval_split
-from tuning.prefixkv import RATIO_GRID
+from tuning.prefixkv.search import RATIO_GRID
+from workers.caches.protocol import DynamicCache
 from workers.data.retrieval import eval_set
 from workers.eval import retrieval_accuracy
-from workers.hf_adapter import load_hf
-from workers.model.cache import DynamicCache
+from workers.model.hf.address import load_hf
 from workers.prefixkv.methods import Method
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipelines import prefixkv
-from tuning.prefixkv import RATIO_GRID
-from workers.prefixkv.calibration_file import load_calibration
+from tuning.prefixkv.search import RATIO_GRID
+from workers.prefixkv.artifact import load_calibration
 
 
 def _args(model, *extra):

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from tuning.prefixkv import (
+from tuning.prefixkv.plan import plan_counts, pyramid_fractions, schedule_fractions
+from tuning.prefixkv.search import (
     RATIO_GRID,
     SearchConfig,
     budget_total,
@@ -17,7 +18,6 @@ from tuning.prefixkv import (
     solve_grid,
     solve_kth,
 )
-from tuning.prefixkv_plan import plan_counts, pyramid_fractions, schedule_fractions
 
 
 def _random_layers(rng, n_layers=6, n_tokens=97, skew=True):

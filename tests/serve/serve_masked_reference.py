@@ -1,4 +1,4 @@
-"""A slow reference for serve.composed_cache: the same rules, applied with masks.
+"""A slow reference for workers.caches.composed: the same rules, applied with masks.
 
 Every token ever written stays in a full-precision store; per layer, boolean masks say which
 tokens are still held (`alive`) and which sit in a quantized block (`quant`, with their
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from kernels.kv_quant import fake_quantize
-from serve.composed_cache import FULL_BITS, ComposedSpec, decode_cap, plan_prefill_counts
-from workers.model.cache import KVView
-from workers.prefixkv.scoring import received, static_scores
+from workers.caches.composed import FULL_BITS, ComposedSpec, decode_cap, plan_prefill_counts
+from workers.caches.protocol import KVView
+from workers.caches.scoring import received, static_scores
 
 
 class MaskedReferenceCache:

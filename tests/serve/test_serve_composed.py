@@ -12,11 +12,12 @@ import pytest
 import torch
 from serve_masked_reference import MaskedReferenceCache
 
-from serve.composed_cache import ComposedCache, ComposedSpec
-from tuning.kvtuner_space import Pair
-from workers.kvcache import KVQuantConfig, PackedKVCache
-from workers.model.cache import DynamicCache
-from workers.prefixkv.cache import EvictingCache
+from tuning.kvtuner.space import Pair
+from workers.caches.composed import ComposedCache, ComposedSpec
+from workers.caches.evicting import EvictingCache
+from workers.caches.precision import KVQuantConfig
+from workers.caches.protocol import DynamicCache
+from workers.caches.quantized import PackedKVCache
 
 L = 4
 PROMPT, STEPS = 32, 12

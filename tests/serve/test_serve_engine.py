@@ -7,10 +7,10 @@ import asyncio
 import pytest
 import torch
 
-from serve.composed_cache import ComposedCache, ComposedSpec
 from serve.engine import Engine, EngineConfig, GenRequest
 from serve.textstream import StopMatcher, TextStream
-from workers.model.cache import DynamicCache
+from workers.caches.composed import ComposedCache, ComposedSpec
+from workers.caches.protocol import DynamicCache
 
 PROMPTS = ["The quick brown", "A stitch", "R", "calibrated caches keep"]
 
@@ -135,7 +135,7 @@ def test_s_layers_skip_their_indexer_while_serving(tiny_model):
 def test_hf_model_is_served_with_the_same_engine(tiny_dense_trained, tmp_path):
     """An hf: export of a byte-vocabulary model: concurrent greedy == its own offline greedy."""
     from serve.model_server import describe_model, load_model
-    from workers.model.hf_export import export_llama
+    from workers.model.hf.export import export_llama
 
     path = export_llama(tiny_dense_trained[1], tmp_path / "hf")
     info = describe_model(f"hf:{path}")

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .corpus import SPLITS, Corpus
+from workers.data.corpus import SPLITS, Corpus
 
 CHUNK = 65536
 

@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import indexer_logits, sparse_attention, topk_indices
-
-from .cache import KVView
-from .config import IndexerConfig, ModelConfig
-from .layers import apply_rope, rope_cos_sin
+from workers.caches.protocol import KVView
+from workers.model.config import IndexerConfig, ModelConfig
+from workers.model.layers import apply_rope, rope_cos_sin
 
 ATTN_MODES = ("auto", "dense", "sparse", "random")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from .config import ModelConfig
-from .transformer import CalibLM
+from workers.model.config import ModelConfig
+from workers.model.transformer import CalibLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -35,11 +35,11 @@ def resolve(address: str | Path) -> Path:
     """``runs:/<id>/model`` or a directory -> local directory holding the checkpoint."""
     address = str(address)
     if address.startswith("hf:"):
-        raise CheckpointError(f"model={address!r}: hf: models load through workers.hf_adapter, not CalibLM")
+        raise CheckpointError(f"model={address!r}: hf: models load through workers.model.hf.address, not CalibLM")
     if address.startswith(("runs:/", "models:/")):
         import mlflow
 
-        from workers.tracking import tracking_uri
+        from workers.runtime.tracking import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .config import ConfigError, IndexerConfig, ModelConfig, MoEConfig, RouterConfig
+from workers.model.config import ConfigError, IndexerConfig, ModelConfig, MoEConfig, RouterConfig
 
 
 def tiny() -> ModelConfig:

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.moe.ffn import MoEFFN
-
-from .attention import ATTN_MODES, Attention, AttnContext
-from .config import ConfigError, ModelConfig, validate_pattern
-from .layers import RMSNorm, SwiGLU, rope_cos_sin
+from workers.model.attention import ATTN_MODES, Attention, AttnContext
+from workers.model.config import ConfigError, ModelConfig, validate_pattern
+from workers.model.layers import RMSNorm, SwiGLU, rope_cos_sin
+from workers.model.moe.ffn import MoEFFN
 
 
 @dataclass

@@ -21,11 +21,10 @@ import torch
 from workers.data.corpus import load_corpus
 from workers.eval import heldout_nll
 from workers.model.config import ConfigError, ModelConfig, MoEConfig, RouterConfig
+from workers.model.moe.balancing import max_vio
+from workers.model.moe.distributed import balancing_step, moe_layers, take_router_time
+from workers.model.moe.metrics import MaxVioTracker, straggler_ratio
 from workers.model.transformer import CalibLM, lm_loss
-
-from .balancing import max_vio
-from .distributed import balancing_step, moe_layers, take_router_time
-from .metrics import MaxVioTracker, straggler_ratio
 
 # arm name -> router settings (anything not named keeps the RouterConfig default)
 ARMS: dict[str, dict] = {

@@ -11,16 +11,15 @@ from collections.abc import Sequence
 import ray
 import torch
 
+from workers.caches.scoring import ScoreConfig
 from workers.data.retrieval import RetrievalEvalSet
-
-from .calibrate import calibrate_batch
-from .evaluate import MethodSpec, eval_nll, eval_retrieval
-from .scoring import ScoreConfig
+from workers.prefixkv.calibrate import calibrate_batch
+from workers.prefixkv.evaluate import MethodSpec, eval_nll, eval_retrieval
 
 
 def load_model(address: str, device: str = "cpu"):
     """`hf:<dir>` -> HFCausalLM; `runs:/<id>/model` or a checkpoint directory -> CalibLM (eval mode)."""
-    from workers.hf_adapter import load_any
+    from workers.model.hf.address import load_any
 
     return load_any(address, device).eval()
 

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from tuning.prefixkv import RATIO_GRID, build_curves, solve_bisect, solve_kth
-
-from .importance import collect_importance
-from .scoring import ScoreConfig
+from tuning.prefixkv.search import RATIO_GRID, build_curves, solve_bisect, solve_kth
+from workers.caches.scoring import ScoreConfig
+from workers.prefixkv.importance import collect_importance
 
 CURVE_POINTS = 101
 

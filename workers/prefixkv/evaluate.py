@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.caches.scoring import ScoreConfig
 from workers.data.retrieval import RetrievalEvalSet
 from workers.eval import continuation_nll, retrieval_accuracy
-
-from .methods import Method
-from .scoring import ScoreConfig
+from workers.prefixkv.methods import Method
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .scoring import ScoreConfig, received
+from workers.caches.scoring import ScoreConfig, received
 
 
 class ImportanceCollector:

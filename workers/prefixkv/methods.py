@@ -12,7 +12,7 @@
 | recency  | r in every layer                                   | position (newest)  |
 | random   | r in every layer                                   | seeded random      |
 
-Every method spends the same number of tokens at the same ratio (tuning.prefixkv_plan), sinks
+Every method spends the same number of tokens at the same ratio (tuning.prefixkv.plan), sinks
 and the newest token included.
 """
 
@@ -22,12 +22,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from tuning.prefixkv import validate_ratio
-from tuning.prefixkv_plan import schedule_fractions
-from workers.model.cache import DynamicCache
-
-from .cache import EvictingCache
-from .scoring import ScoreConfig
+from tuning.prefixkv.plan import schedule_fractions
+from tuning.prefixkv.search import validate_ratio
+from workers.caches.evicting import EvictingCache
+from workers.caches.protocol import DynamicCache
+from workers.caches.scoring import ScoreConfig
 
 METHODS = ("full", "prefixkv", "uniform", "pyramid", "recency", "random")
 

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from workers.eval import mean_se, paired_difference  # noqa: E402
+from workers.eval import mean_se, paired_difference
 
 
 def curves_figure(curves: np.ndarray, title: str):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from workers.data.retrieval import VALUE_LEN, RetrievalConfig, make_batch
-
-from .config import TrainConfig
+from workers.training.config import TrainConfig
 
 
 def _generator(tc: TrainConfig, step: int, rank: int) -> torch.Generator:

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import torch
 
+from workers.caches.protocol import DynamicCache
 from workers.data.corpus import Corpus
 from workers.data.retrieval import eval_set
 from workers.eval import heldout_nll, paired_difference, retrieval_accuracy, unigram_bpb
 from workers.model import checkpoint
-from workers.model.cache import DynamicCache
 from workers.model.transformer import CalibLM
-
-from .config import TrainConfig
-from .loop import STATE_FILE
+from workers.training.config import TrainConfig
+from workers.training.loop import STATE_FILE
 
 
 def load_trained(tc: TrainConfig, ckpt_dir: Path) -> CalibLM:
@@ -57,7 +56,7 @@ def final_report(tc: TrainConfig, ckpt_dir: Path, corpus: Corpus) -> tuple[Path,
     out = Path(tempfile.mkdtemp(prefix="calibray-model-"))
     checkpoint.save(model, out / "model", meta={"preset": tc.preset, "corpus_sha256": corpus.sha256})
     if tc.model.is_dense_llama:
-        from workers.model.hf_export import export_llama
+        from workers.model.hf.export import export_llama
 
         export_llama(model, out / "hf_model")
     metrics = evaluate_model(model, tc, corpus)

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from workers.model.transformer import CalibLM, lm_loss
-
-from .batches import weighted_batch
-from .config import TrainConfig
+from workers.training.batches import weighted_batch
+from workers.training.config import TrainConfig
 
 STATE_FILE = "train_state.pt"
 META_FILE = "train_meta.json"
@@ -84,7 +83,7 @@ def train_step(model, opt, tc: TrainConfig, x: torch.Tensor, step: int, weights:
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     opt.step()
     if tc.model.moe is not None:
-        from workers.moe.distributed import balancing_step
+        from workers.model.moe.distributed import balancing_step
 
         balancing_step(model)  # routers close the step: the loss-free bias moves once per step
     return out, ce, gnorm, attn

@@ -1,0 +1,157 @@
+"""Evaluation data and metrics for the KVTuner search, all through a quantized cache.
+
+Shape legend: N examples, C context tokens, M scored continuation tokens, V vocab.
+
+Every metric goes through `workers.eval.continuation_logits`: the context is prefilled into
+the cache, then the scored tokens run *through the cache*, so they see the quantized keys
+and values (never a single full-precision forward).
+- task "text":      context = first C bytes of a window, continuation = the next M bytes.
+- task "retrieval": context = the `?key=` prompt, continuation = the 3 value bytes.
+Proxy metrics against the full-precision model on the same tokens: mean next-token
+KL(full || quantized) and NLL over the continuation; the task metric is continuation NLL
+(text) or exact match (retrieval), both with per-example values for paired comparisons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from workers.caches.precision import KVQuantConfig
+from workers.caches.quantized import make_cache
+from workers.eval import AccuracyResult, NLLResult, continuation_logits, mean_se, retrieval_accuracy
+
+TASKS = ("text", "retrieval")
+
+
+@dataclass
+class EvalData:
+    """context [N, C], continuation [N, M] int64; `task` says how to read the continuation."""
+
+    task: str
+    context: torch.Tensor
+    continuation: torch.Tensor
+    name: str = ""
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+
+def build_data(
+    task: str,
+    corpus,
+    split: str,
+    n: int,
+    seed: int,
+    length: int,
+    continuation: int = 32,
+    part: tuple[int, int] = (0, 1),
+) -> EvalData:
+    """n examples of `length` tokens from a corpus split (text windows or retrieval prompts).
+
+    `part` = (i, k) restricts text windows to the i-th of k equal slices of the split, so the
+    search's calibration tokens and its validation tokens (second fidelity) never overlap;
+    retrieval examples differ by seed (records and filler offsets drawn from it).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "retrieval":
+        from workers.data.retrieval import eval_set
+
+        es = eval_set(corpus.split(split), n=n, length=length, seed=seed, split=split)
+        return EvalData(task, es.prompt, es.value, f"retrieval/{split}/seed{seed}")
+    if not 0 < continuation < length:
+        raise ValueError(f"continuation must be in (0, length={length}), got {continuation!r}")
+    t = corpus.tokens(split)
+    i, k = part
+    t = t[i * t.numel() // k : (i + 1) * t.numel() // k]
+    if t.numel() <= length:
+        raise ValueError(f"split {split!r} part {part} has {t.numel()} tokens, not more than length={length}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, t.numel() - length, (n,), generator=g).tolist()
+    w = torch.stack([t[s : s + length] for s in starts])
+    name = f"text/{split}[{i}/{k}]/seed{seed}"
+    return EvalData(task, w[:, : length - continuation], w[:, length - continuation :], name)
+
+
+class RoutedCache:
+    """Full precision everywhere except `layer`, which goes to a quantized cache (the profile's probe)."""
+
+    def __init__(self, quant, full, layer: int):
+        self.quant, self.full, self.layer = quant, full, layer
+
+    def update(self, layer, k, v, pos, idx_k=None):
+        return (self.quant if layer == self.layer else self.full).update(layer, k, v, pos, idx_k)
+
+    def length(self, layer: int) -> int:
+        return (self.quant if layer == self.layer else self.full).length(layer)
+
+    def nbytes(self) -> int:
+        return self.quant.nbytes() + self.full.nbytes()
+
+
+def cache_factory(config: KVQuantConfig | None, n_layers: int, kind: str = "fake", only_layer: int | None = None):
+    """A zero-argument factory of fresh caches (what workers.eval expects)."""
+
+    def make():
+        if only_layer is None:
+            return make_cache(config, n_layers, kind)
+        return RoutedCache(make_cache(config, n_layers, kind), make_cache(None, n_layers), only_layer)
+
+    return make
+
+
+@torch.no_grad()
+def logprobs(model, data: EvalData, make, batch_size: int = 32) -> torch.Tensor:
+    """Log-probabilities [N, M, V] of every continuation position, through caches from `make`."""
+    out = []
+    for i in range(0, len(data), batch_size):
+        c, y = data.context[i : i + batch_size], data.continuation[i : i + batch_size]
+        out.append(F.log_softmax(continuation_logits(model, c, y, make_cache=make).float(), -1))
+    return torch.cat(out)
+
+
+def proxy_metrics(ref_logp: torch.Tensor, logp: torch.Tensor, data: EvalData) -> dict:
+    """KL(full || quantized) and NLL per example (means over continuation positions) and overall."""
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0).mean(1)  # [N]
+    nll = -logp.gather(-1, data.continuation[..., None]).squeeze(-1).mean(1)  # [N]
+    hit = (logp.argmax(-1) == data.continuation).all(1).float()
+    return {
+        "damage": float(kl.mean()),
+        "nll": float(nll.mean()),
+        "exact": float(hit.mean()),
+        "per_kl": kl.tolist(),
+        "per_nll": nll.tolist(),
+        "per_exact": hit.tolist(),
+    }
+
+
+def task_metric(model, data: EvalData, config: KVQuantConfig | None, n_layers: int, batch_size: int = 32):
+    """The task's own measure through the quantized cache: NLLResult (text) or AccuracyResult (retrieval)."""
+    make = cache_factory(config, n_layers)
+    if data.task == "retrieval":
+        from workers.data.retrieval import RetrievalEvalSet
+
+        es = RetrievalEvalSet(data.context, data.continuation, seed=0, split=data.name)
+        return retrieval_accuracy(model, es, make_cache=make, batch_size=batch_size)
+    lp = logprobs(model, data, make, batch_size)
+    per = (-lp.gather(-1, data.continuation[..., None]).squeeze(-1).mean(1)).tolist()
+    m, se = mean_se(per)
+    return NLLResult(m, se, data.continuation.numel(), per)
+
+
+def score(result) -> list[float]:
+    """Per-example values of a task metric, higher-is-better for accuracy, as stored."""
+    return list(result.per_example)
+
+
+def summary(result) -> dict:
+    if isinstance(result, AccuracyResult):
+        return {"metric": "exact_match", "value": result.accuracy, "se": result.se, "n": result.n}
+    return {"metric": "nll", "value": result.nats, "se": result.se, "n": len(result.per_example)}

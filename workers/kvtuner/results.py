@@ -1,0 +1,111 @@
+"""KVTuner held-out report: chosen maps beside uniform baselines on the same tokens, paired.
+
+For each budget the chosen map is compared (paired over the same held-out examples) with
+full precision, every uniform baseline, uniform K2V4, the same map with its layers reversed,
+and the best uniform map with at most as many bits. Deltas are chosen - other in the task's
+unit: exact match (higher is better) or NLL in nats (lower is better). Writes
+`kv_precision.json` ({"maps": {str(budget): map}}), `budgets/<b>/kv_precision.json`, `report.json`, `report.md`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tuning.kvtuner.space import equivalent_bits, parse_pair
+from workers.kvtuner.report import markdown_table, paired
+
+
+def _bits(map_str: str | None) -> float:
+    return 16.0 if map_str is None else equivalent_bits([parse_pair(x) for x in map_str.split(",")])
+
+
+def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: int, pool, data, work: Path) -> dict:
+    """chosen {budget: search row with "map"} -> {"metrics", "rows", "comparisons"}; files under work/out*."""
+    from workers.caches.precision import KVQuantConfig
+
+    uni = lambda b: ",".join([parse_pair(b).name] * n_layers)
+    named: dict[str, str | None] = {"full": None}
+    for b in [*cfg.baselines, "K2V4"]:
+        named[parse_pair(b).name] = uni(b)
+    for b, row in chosen.items():
+        named[f"kvtuner_b{b}"] = row["map"]
+        named[f"reversed_b{b}"] = ",".join(reversed(row["map"].split(",")))
+    distinct = list(dict.fromkeys(named.values()))
+    res = pool.map([{"op": "task", "map": m, "data": "report"} for m in distinct])
+    by_map = dict(zip(distinct, res))
+
+    rows = []
+    for name, m in named.items():
+        r = by_map[m]
+        qc = None if m is None else KVQuantConfig(tuple(m.split(",")), **cfg.quant())
+        stored = 32.0 if qc is None else qc.stored_bits(cfg.length, head_dim)
+        rows.append(
+            {
+                "name": name,
+                "map": "fp32" if m is None else (qc.name()),
+                "nominal_bits": _bits(m) if m is not None else 32.0,
+                "stored_bits": stored,
+                "kv_bytes_per_token": stored * 2 * n_kv_heads * head_dim * n_layers / 8,
+                "metric": r["metric"],
+                "value": r["value"],
+                "se": r["se"],
+                "per_example": r["per_example"],
+            }
+        )
+    by_name = {r["name"]: r for r in rows}
+
+    comps = []
+
+    def compare(a: str, b: str, label: str) -> None:
+        d, se = paired(by_name[a]["per_example"], by_name[b]["per_example"])
+        comps.append({"a": a, "b": b, "label": label, "delta": d, "se": se})
+
+    if "KV8" in by_name:
+        compare("KV8", "full", "KV8 vs full precision")
+    higher = cfg.task == "retrieval"
+    for b, row in chosen.items():
+        me = f"kvtuner_b{b}"
+        for other in ["full", *[parse_pair(x).name for x in cfg.baselines], "K2V4", f"reversed_b{b}"]:
+            compare(me, other, f"{me} vs {other}")
+        bits = _bits(row["map"])
+        fits = [n for n in {parse_pair(x).name for x in cfg.baselines} if parse_pair(n).bits <= bits + 1e-9]
+        if fits:
+            sign = 1 if higher else -1
+            best = max(fits, key=lambda n: sign * by_name[n]["value"])
+            compare(me, best, f"{me} vs best uniform at <= {bits:g} bits ({best})")
+
+    out, bdir = work / "out", work / "out_budgets"
+    bdir.mkdir(exist_ok=True)
+    maps = {}
+    for b, row in chosen.items():
+        qc = KVQuantConfig(tuple(row["map"].split(",")), **cfg.quant())
+        extra = {
+            "budget": b,
+            "stored_bits": qc.stored_bits(cfg.length, head_dim),
+            "stored_bits_context": cfg.length,
+            "calib_kl": row["damage"],
+            "heldout": {k: by_name[f"kvtuner_b{b}"][k] for k in ("metric", "value", "se")},
+        }
+        (bdir / f"{b:g}").mkdir(exist_ok=True)
+        qc.to_json(bdir / f"{b:g}" / "kv_precision.json", **extra)
+        maps[str(b)] = qc.to_dict(**extra)
+    # one file for every budget, keyed by str(budget) (serve picks one with kv_budget=)
+    (out / "kv_precision.json").write_text(json.dumps({"method": "kvtuner", "maps": maps}, indent=1))
+    table = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
+    (out / "report.json").write_text(json.dumps({"rows": rows, "comparisons": comps, "data": data.name}, indent=1))
+    md = markdown_table(table, ["name", "map", "nominal_bits", "stored_bits", "kv_bytes_per_token", "value", "se"])
+    md += "\n" + markdown_table(comps, ["label", "delta", "se"])
+    (out / "report.md").write_text(md)
+
+    metrics = {}
+    for r in rows:
+        metrics[f"heldout_{r['name']}"] = r["value"]
+        metrics[f"heldout_{r['name']}_se"] = r["se"]
+    for c in comps:
+        key = f"delta_{c['a']}_vs_{c['b']}"
+        metrics[key], metrics[key + "_se"] = c["delta"], c["se"]
+    for b, row in chosen.items():
+        metrics[f"chosen_b{b}_bits"] = _bits(row["map"])
+        metrics[f"chosen_b{b}_mixed"] = float(len(set(row["map"].split(","))) > 1)
+    return {"metrics": metrics, "rows": table, "comparisons": comps}
