@@ -30,6 +30,7 @@ from kernels.decode_attention import decode_attention, decode_attention_dense
 from workers.caches.precision import KVQuantConfig
 from workers.caches.protocol import DynamicCache
 from workers.caches.quantized import PackedKVCache, make_cache
+from workers.kvtuner import artifact as kv_precision
 
 
 def fill(cache, n_layers: int, S: int, H: int, D: int, chunk: int = 512, seed: int = 0):
@@ -203,7 +204,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     kw = {"mode": "kivi", "group": 32, "residual": 32}
     maps = {n: KVQuantConfig.uniform(n, a.layers, **kw) for n in ("KV8", "KV4", "K4V2", "KV2")}
-    searched = KVQuantConfig.from_json(a.kv_precision) if a.kv_precision else None
+    searched = kv_precision.load_config(a.kv_precision) if a.kv_precision else None
     if searched is not None:
         maps["searched"] = KVQuantConfig(
             tuple([searched.layers[i % searched.n_layers] for i in range(a.layers)]),

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from workers.data.corpus import load_corpus
 from workers.data.retrieval import KEY_LEN, VALUE_LEN, eval_set
-from workers.eval import mean_se, paired_difference
+from workers.stats import mean_se, paired_difference
 
 # Prompt bytes fed after the compressed prefill, per retrieval setting.
 SETTINGS = {"agnostic": 1 + KEY_LEN + 1, "aware": 1}  # "?key=" / "="
@@ -204,10 +204,10 @@ def run_calibray(a, ratios) -> dict:
     import transformers
 
     from workers.model.hf.address import load_hf
-    from workers.prefixkv.artifact import load_calibration
+    from workers.prefixkv import artifact
     from workers.prefixkv.methods import Method
 
-    cal = load_calibration(a.calibration)
+    cal = artifact.load(a.calibration)
     ours = load_hf(a.model)
     n_layers = ours.cfg.n_layers
     if cal.n_layers != n_layers:

@@ -32,7 +32,7 @@ from tuning.indexcache.cost import analytic_units, naive_units
 from tuning.indexcache.fidelity import EXACT, FidelityConfig
 from tuning.indexcache.search import SearchState, StepRecord, check_compatible, greedy_search, trace_rows
 from workers.data.corpus import SplitConfig, load_corpus
-from workers.indexcache.actor import ActorPool
+from workers.indexcache.actor import CalibrationPool
 from workers.indexcache.report import log_rows
 from workers.model import checkpoint
 from workers.runtime import tracking
@@ -182,7 +182,7 @@ def run(
     *,
     resume: str | None = None,
     state: SearchState | None = None,
-    on_step: Callable[[SearchState, StepRecord, ActorPool], None] | None = None,
+    on_step: Callable[[SearchState, StepRecord, CalibrationPool], None] | None = None,
 ) -> dict:
     """Run (or resume) a search and its reports in one MLflow run; returns the summary."""
     from workers.indexcache.report import report
@@ -209,7 +209,7 @@ def run(
     ) as active:
         run_id = active.info.run_id
         mlflow.log_text(cfg.to_json(), CONFIG_ARTIFACT)
-        pool = ActorPool(
+        pool = CalibrationPool(
             model,
             data.calib,
             cfg.workers,

@@ -35,10 +35,11 @@ from tuning.kvtuner.space import (
     parse_pair,
     validate_budget,
 )
-from workers.kvtuner.actors import run_profile
-from workers.kvtuner.report import front_rows, markdown_table, paired, plot_heatmap, plot_pareto, select_for_budget
+from workers.kvtuner.actors import run_jobs, run_profile
+from workers.kvtuner.report import front_rows, plot_heatmap, plot_pareto, select_for_budget
 from workers.model.hf.address import model_shape
-from workers.runtime.pool import WorkerPool
+from workers.runtime.pool import ActorPool
+from workers.stats import markdown_table, paired_difference
 
 PIPELINE = "kvtuner"
 TASKS = ("text", "retrieval")
@@ -214,7 +215,7 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
     metrics: dict[str, float] = {}
 
     datasets = {"calib": calib, "valid": valid, "report": report}
-    new_pool = lambda: WorkerPool(KVWorker, (cfg.model, datasets, quant), cfg.actors, cfg.cpus_per_actor)
+    new_pool = lambda: ActorPool.of(KVWorker, (cfg.model, datasets, quant), cfg.actors, num_cpus=cfg.cpus_per_actor)
 
     # 1. profile and the uniform baselines' calibration proxy (resumable), on one actor pool
     prof_file, base_file = work / "profile.json", work / "baselines_calib.json"
@@ -225,7 +226,7 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
         pool = new_pool()
         try:
             profile = run_profile(pool, n_layers)
-            base_rows = pool.map(base_items)
+            base_rows = run_jobs(pool, base_items)
         finally:
             pool.close()
         for b, r in zip(cfg.baselines, base_rows):
@@ -281,7 +282,7 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
     pool = new_pool()
     try:
         if cfg.fidelity2 and front:
-            fid = pool.map([{"op": "task", "map": r["map"], "data": "valid"} for r in front])
+            fid = run_jobs(pool, [{"op": "task", "map": r["map"], "data": "valid"} for r in front])
             for r, f in zip(front, fid):
                 r["fidelity2"], r["fidelity2_se"], r["_f2_per"] = f["value"], f["se"], f["per_example"]
         chosen = _choose(cfg, rows, front)
@@ -316,7 +317,7 @@ def _choose(cfg: KVTunerConfig, rows: list[dict], front: list[dict]) -> dict:
             best = max(fit, key=lambda r: sign * r["fidelity2"])
             ok = []
             for r in fit:
-                d, se = paired(r["_f2_per"], best["_f2_per"]) if r is not best else (0.0, 0.0)
+                d, se = paired_difference(r["_f2_per"], best["_f2_per"]) if r is not best else (0.0, 0.0)
                 if sign * d >= -(se if se == se else 0.0):
                     ok.append(r)
             fit = ok

@@ -28,22 +28,21 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import ray
 import torch
 
 from tuning.prefixkv.search import RATIO_GRID, n_protected, validate_ratio
+from workers.caches import scorers
 from workers.caches.scoring import ScoreConfig
 from workers.data.corpus import load_corpus
 from workers.data.retrieval import VALUE_LEN, eval_set
+from workers.prefixkv import artifact
 from workers.prefixkv.actor import PrefixKVActor
-from workers.prefixkv.artifact import FILE_NAME, save_calibration
 from workers.prefixkv.calibrate import reduce_samples
 from workers.prefixkv.evaluate import method_grid
-from workers.prefixkv.report import budgets_figure, curves_figure, markdown_table, summarize
+from workers.prefixkv.report import budgets_figure, curves_figure, results_table, summarize
 from workers.runtime import tracking
 from workers.runtime.cluster import init_ray
-
-ATTENTION_SCORES = ("sum", "window")
+from workers.runtime.pool import ActorPool
 
 
 @dataclass(frozen=True)
@@ -88,12 +87,9 @@ class RunConfig:
             bad("workers", f"more actors than calibration samples ({self.samples})")
         if self.data not in ("text", "retrieval"):
             bad("data", "one of text, retrieval")
-        if (
-            not self.scores
-            or any(s not in ATTENTION_SCORES for s in self.scores)
-            or len(set(self.scores)) != len(self.scores)
-        ):
-            bad("scores", f"a comma-separated list of distinct scorings from {ATTENTION_SCORES}")
+        attention = scorers.names(attention=True)  # PrefixKV calibrates on attention; plug-ins count
+        if not self.scores or any(s not in attention for s in self.scores) or len(set(self.scores)) != len(self.scores):
+            bad("scores", f"a comma-separated list of distinct attention scorings from {attention}")
         for r in self.eval_ratios:
             try:
                 validate_ratio(r)
@@ -184,7 +180,7 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--corpus", default="pydoc", help="corpus: 'pydoc' or a .txt/.jsonl/.parquet path")
     p.add_argument("--context", type=int, default=192, help="prompt tokens per sample")
     p.add_argument("--continuation", type=int, default=64, help="scored tokens after the context (text)")
-    p.add_argument("--scores", default="sum,window", help="token scorings to calibrate and evaluate")
+    p.add_argument("--scores", default="sum,window", help="attention scorers to calibrate and evaluate")
     p.add_argument("--window", type=int, default=16, help="observation window of the 'window' scoring")
     p.add_argument("--pool", type=int, default=1, help="average scores over this many neighbouring keys (odd; 1 = off)")
     p.add_argument("--n-sink", type=int, default=4, help="sink tokens always kept (plus the last token)")
@@ -241,23 +237,18 @@ def _done_samples(run_id: str) -> dict[int, dict]:
     return out
 
 
-def calibrate(cfg: RunConfig, actors, tokens: torch.Tensor, workdir: Path) -> dict[int, dict]:
-    """Spread sample batches over the actors; log every finished batch; return {index: result}."""
+def calibrate(cfg: RunConfig, actors: ActorPool, tokens: torch.Tensor, workdir: Path) -> dict[int, dict]:
+    """Spread sample batches over the actors; log each batch (in order) once done; return {index: result}."""
     results = _done_samples(cfg.resume) if cfg.resume else {}
     todo = [i for i in range(tokens.shape[0]) if i not in results]
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     scores = [ScoreConfig(s, window=cfg.window, pool=cfg.pool) for s in cfg.scores]
     log = workdir / Path(SAMPLES_FILE).name
     log.write_text("".join(json.dumps({"index": k, "result": v}) + "\n" for k, v in sorted(results.items())))
-    pending = {}
-    for n, batch in enumerate(batches):
-        actor = actors[n % len(actors)]
-        ref = actor.calibrate.remote(batch, tokens[batch], scores, cfg.n_sink, RATIO_GRID, cfg.max_steps)
-        pending[ref] = batch
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        out = ray.get(ready[0])
-        pending.pop(ready[0])
+    call = lambda actor, batch: actor.calibrate.remote(
+        batch, tokens[batch], scores, cfg.n_sink, RATIO_GRID, cfg.max_steps
+    )
+    for out in actors.map(call, batches):
         with log.open("a") as f:
             for k in sorted(out):
                 f.write(json.dumps({"index": int(k), "result": out[k]}) + "\n")
@@ -303,12 +294,12 @@ def write_calibration(cfg: RunConfig, results: dict[int, dict], n_layers: int, w
         fig = budgets_figure(RATIO_GRID, red["fractions"], red["bootstrap_se"], cfg.eval_ratios, f"{name}: {mode}")
         mlflow.log_figure(fig, f"plots/budgets_{mode}.png")
         mlflow.log_dict({"curves": red["curves"].round(6).tolist()}, f"calibration/curves_{mode}.json")
-    path = save_calibration(data, workdir / FILE_NAME)
+    path = artifact.write(data, workdir / artifact.FILE_NAME)
     mlflow.log_artifact(str(path))
     return data
 
 
-def evaluate(cfg: RunConfig, actors, data, calibrated: dict, workdir: Path) -> dict:
+def evaluate(cfg: RunConfig, actors: ActorPool, data, calibrated: dict, workdir: Path) -> dict:
     """Shard the held-out examples over the actors; reassemble per-example results in order."""
     specs = method_grid(cfg.eval_ratios, cfg.scores)
     kw = dict(n_sink=cfg.n_sink, window=cfg.window, pool=cfg.pool, calibrated=calibrated, batch_size=cfg.batch_size)
@@ -316,12 +307,9 @@ def evaluate(cfg: RunConfig, actors, data, calibrated: dict, workdir: Path) -> d
     n = first.shape[0]
     step = -(-n // len(actors))
     call = "nll" if cfg.data == "text" else "retrieval"
-    refs = [
-        getattr(actors[i], call).remote(s, data[0][s : s + step], data[1][s : s + step], specs, **kw)
-        for i, s in enumerate(range(0, n, step))
-    ]
-    parts = sorted(ray.get(refs), key=lambda x: x[0])
-    per = {s.key: [v for _, part in parts for v in part[s.key]] for s in specs}
+    shard = lambda actor, s: getattr(actor, call).remote(data[0][s : s + step], data[1][s : s + step], specs, **kw)
+    parts = list(actors.map(shard, range(0, n, step)))
+    per = {s.key: [v for part in parts for v in part[s.key]] for s in specs}
 
     def baseline(key: str):
         name, ratio = key.split("@")
@@ -343,7 +331,7 @@ def evaluate(cfg: RunConfig, actors, data, calibrated: dict, workdir: Path) -> d
             out[f"{metric}_diff_{name(r['key'])}"] = r["diff"]
             out[f"{metric}_diff_se_{name(r['key'])}"] = r["diff_se"]
     tracking.log_metrics({k: v for k, v in out.items() if v == v})  # NaN (one example) is not logged
-    table = markdown_table(rows, "NLL (nats)" if metric == "nll" else "exact match")
+    table = results_table(rows, "NLL (nats)" if metric == "nll" else "exact match")
     mlflow.log_text(table, "eval/results.md")
     mlflow.log_dict({"rows": rows, "per_example": per}, "eval/eval.json")
     print(table)
@@ -369,8 +357,14 @@ def main(argv=None) -> str:
     ):
         workdir = Path(tmp)
         init_ray()
-        actor_cls = PrefixKVActor.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
-        actors = [actor_cls.remote(cfg.model, cfg.device) for _ in range(cfg.workers)]
+        actors = ActorPool.of(
+            PrefixKVActor,
+            (cfg.model, cfg.device),
+            cfg.workers,
+            num_cpus=cfg.cpus_per_worker,
+            num_gpus=cfg.gpus_per_worker,
+            runtime_env=scorers.runtime_env(),  # actors find the driver's plug-in scorers too
+        )
         results = calibrate(cfg, actors, calib_tokens, workdir)
         data = write_calibration(cfg, results, n_layers, workdir)
         if held is not None:
@@ -378,9 +372,8 @@ def main(argv=None) -> str:
                 m: {float(r): f for r, f in zip(data["ratios"], e["fractions"])} for m, e in data["scores"].items()
             }
             evaluate(cfg, actors, held, calibrated, workdir)
-        for a in actors:
-            ray.kill(a)
-        print(f"prefixkv run {run.info.run_id}: {FILE_NAME} logged")
+        actors.close()
+        print(f"prefixkv run {run.info.run_id}: {artifact.FILE_NAME} logged")
         return run.info.run_id
 
 

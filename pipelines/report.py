@@ -21,6 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from workers.runtime import tracking
+from workers.stats import markdown_table
 
 PIPELINES = ("train_moe", "moe_sweep", "indexcache", "kvtuner", "prefixkv")
 IMAGE_SUFFIXES = (".png", ".svg", ".jpg")
@@ -69,8 +70,8 @@ def section(client: MlflowClient, run, out_dir: Path, docs_dir: Path) -> list[st
     # Per-layer and per-step series stay in MLflow; the page keeps the run-level numbers.
     metrics = {k: v for k, v in run.data.metrics.items() if not PER_LAYER.search(k)}
     if metrics:
-        lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
+        table = [{"metric": k, "value": _fmt(v)} for k, v in sorted(metrics.items())]
+        lines += markdown_table(table, ("metric", "value")).splitlines()
         lines.append("")
     for art in _images(client, rid):
         local = Path(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=art))

@@ -30,7 +30,7 @@ from workers.model.config import ConfigError
 from workers.runtime import tracking
 from workers.training.config import RECIPES, TrainConfig, parse_curriculum, recipe
 from workers.training.evaluate import final_report
-from workers.training.loop import META_FILE, STATE_FILE
+from workers.training.train_state import META_FILE, STATE_FILE
 
 ARTIFACTS = tracking.REPO_ROOT / "artifacts"
 
@@ -153,13 +153,12 @@ def fit(tc: TrainConfig, run_id: str, corpus, resume_dir: Path | None, extra: di
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.runtime.cluster import init_ray
-    from workers.training.loop import train_loop
-    from workers.training.moe_loop import moe_train_loop, needs_moe_loop
+    from workers.training.ray_train import train_loop
 
     init_ray()
     use_gpu = torch.cuda.is_available()
     trainer = TorchTrainer(
-        moe_train_loop if needs_moe_loop(tc) else train_loop,
+        train_loop,
         train_loop_config={
             "train": tc.to_dict(),
             "run_id": run_id,

@@ -1,7 +1,8 @@
 """One evaluation module for every pipeline.
 
 - ``heldout_nll``: mean next-token NLL over windows (nats and bits per byte), per window
-  values kept so two settings on the same windows can be compared as paired differences.
+  values kept so two settings on the same windows can be compared as paired differences
+  (``workers.stats``).
 - ``continuation_nll``: prefill a context into a cache, optionally transform the cache
   (compress, quantize), then score the next M tokens through it.
 - ``retrieval_accuracy``: exact match on the generated retrieval task (a continuation of
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.data.retrieval import RetrievalEvalSet
+from workers.stats import mean_se
 
 LN2 = math.log(2.0)
 
@@ -49,24 +51,6 @@ class AccuracyResult:
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}_acc": self.accuracy, f"{prefix}_acc_se": self.se}
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    m = sum(values) / n
-    if n == 1:
-        return m, float("nan")
-    var = sum((v - m) ** 2 for v in values) / (n - 1)
-    return m, math.sqrt(var / n)
-
-
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean and standard error of a - b over the same examples."""
-    if len(a) != len(b):
-        raise ValueError(f"paired comparison needs equal lengths, got {len(a)} and {len(b)}")
-    return mean_se([x - y for x, y in zip(a, b)])
 
 
 @torch.no_grad()

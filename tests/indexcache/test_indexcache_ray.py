@@ -10,8 +10,10 @@ import ray
 
 from pipelines.indexcache import IndexCacheConfig, SearchStopped, main, resume_config, run
 from tuning.indexcache.cost import analytic_units
+from tuning.indexcache.losses import reduce_shards
 from tuning.indexcache.search import SearchState, greedy_search
-from workers.indexcache.actor import ActorPool
+from workers.indexcache.actor import CalibrationPool, split_rows
+from workers.indexcache.evaluate import ShardEvaluator
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,7 @@ def calib(corpus):
 
 
 def _pool(model, windows):
-    return ActorPool(model, windows, 2, batch_size=4, num_cpus=0.25)
+    return CalibrationPool(model, windows, 2, batch_size=4, num_cpus=0.25)
 
 
 def test_killing_an_actor_mid_search_does_not_change_the_result(ray_local, tiny_trained, calib):
@@ -43,6 +45,40 @@ def test_killing_an_actor_mid_search_does_not_change_the_result(ray_local, tiny_
     assert killed.pattern == clean.pattern
     assert [s.to_dict()["rungs"] for s in killed.steps] == [s.to_dict()["rungs"] for s in clean.steps]
     pool.shutdown()
+
+
+class _InProcessShards:
+    """The pool's shards scored in this process, reduced the same way: what the pool must reproduce."""
+
+    def __init__(self, model, windows, n_shards: int, batch_size: int):
+        self.n_layers = len(model.layers)
+        rows = split_rows(windows.shape[0], n_shards)
+        self.shards = [ShardEvaluator(model, windows[r].clone(), batch_size=batch_size) for r in rows]
+
+    def units(self) -> int:
+        return sum(e.units() for e in self.shards)
+
+    def reset(self, pattern):
+        return reduce_shards([{0: e.reset(pattern)} for e in self.shards])[0]
+
+    def evaluate(self, candidates, fraction):
+        return reduce_shards([e.evaluate(candidates, fraction) for e in self.shards])
+
+    def commit(self, layer) -> None:
+        for e in self.shards:
+            e.commit(layer)
+
+
+def test_pool_search_equals_the_same_shards_in_process(ray_local, tiny_trained, calib):
+    model = tiny_trained[1]
+    own_copy = ray.get(ray.put(model))  # what an actor receives; the session's model stays as it is
+    local = greedy_search(SearchState(4, (0.25,)), _InProcessShards(own_copy, calib, 2, 4))
+    pool = _pool(model, calib)
+    remote = greedy_search(SearchState(4, (0.25,)), pool)
+    pool.shutdown()
+    assert remote.pattern == local.pattern
+    assert remote.baseline == local.baseline  # LossSum: (sum NLL, tokens), bit for bit
+    assert [s.to_dict() for s in remote.steps] == [s.to_dict() for s in local.steps]  # losses, rungs, units
 
 
 def _cfg(model_dir, **kw):

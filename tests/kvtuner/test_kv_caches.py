@@ -163,22 +163,15 @@ def test_bad_inputs_are_named():
         cache.update(1, torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, dtype=torch.long))
 
 
-def test_kv_precision_json_roundtrip(tmp_path):
-    cfg = KVQuantConfig(("K8V4", "K2V4"), mode="per_token", group=16, residual=8)
-    path = cfg.to_json(tmp_path / "kv_precision.json", budget=5.0)
-    back = KVQuantConfig.from_json(path)
-    assert back == cfg
-    assert back.to_dict()["equivalent_bits"] == 4.5 and back.to_dict()["mixed"] is True
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        KVQuantConfig.from_json(tmp_path / "missing.json")
+def test_cache_registry_names_every_cache():
+    """Configs pick caches by name; make_cache takes only the quantized ones and names a wrong kind."""
+    from workers.caches import CACHES
+    from workers.caches.protocol import DynamicCache
 
-
-def test_multi_budget_file(tmp_path):
-    import json
-
-    a, b = KVQuantConfig(("K8V4", "KV4")), KVQuantConfig(("K4V2", "K4V2"))
-    path = tmp_path / "kv_precision.json"
-    path.write_text(json.dumps({"method": "kvtuner", "maps": {"5.0": a.to_dict(), "3.0": b.to_dict()}}))
-    assert KVQuantConfig.from_json(path, budget=3.0) == b
-    with pytest.raises(ValueError, match="budget"):
-        KVQuantConfig.from_json(path, budget=4.0)
+    assert CACHES.names() == ("composed", "evicting", "fake", "full", "packed")
+    assert CACHES.get("packed") is PackedKVCache and CACHES.get("full") is DynamicCache
+    assert isinstance(make_cache(KVQuantConfig(("KV4",)), 1, "packed"), PackedKVCache)
+    with pytest.raises(ValueError, match="'evicting' does not quantize"):
+        make_cache(KVQuantConfig(("KV4",)), 1, "evicting")
+    with pytest.raises(ValueError, match="cache 'int3' is not one of"):
+        make_cache(KVQuantConfig(("KV4",)), 1, "int3")

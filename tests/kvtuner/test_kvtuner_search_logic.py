@@ -18,8 +18,9 @@ from tuning.kvtuner.space import (
     parse_pair,
     validate_budget,
 )
-from workers.kvtuner.report import paired, select_for_budget
+from workers.kvtuner.report import select_for_budget
 from workers.model.hf.address import model_shape
+from workers.stats import paired_difference
 
 
 def test_pairs_and_bits():
@@ -84,7 +85,7 @@ def test_selection_and_paired():
     assert select_for_budget(rows, 3.0)["bits"] == 2.5  # tie on damage -> fewer bits
     assert select_for_budget(rows, 4.0)["bits"] == 4.0
     assert select_for_budget(rows, 2.0) is None
-    d, se = paired([1, 1, 0, 1], [0, 1, 0, 0])
+    d, se = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])
     assert d == 0.5 and se > 0
 
 

@@ -2,42 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines import train_moe
-from workers.model.config import ConfigError, RouterConfig
-from workers.model.presets import tiny as tiny_model
-from workers.training.config import tiny
-from workers.training.moe_loop import needs_moe_loop
-
-
-def ep_config(**changes):
-    """2 workers, 2 experts each, loss-free routing (its bias must move in every layer)."""
-    model = tiny_model()
-    moe = dataclasses.replace(model.moe, router=RouterConfig(strategy="loss_free"))
-    base = dict(
-        model=model.replace(indexer=None, moe=moe),
-        steps=8,
-        batch_size=4,
-        seq_len=32,
-        num_workers=2,
-        ep_size=2,
-        cpus_per_worker=1.0,
-        log_every=1,
-        ckpt_every=3,
-        eval_windows=8,
-        warmup_steps=2,
-    )
-    return tiny().replace(**{**base, **changes})
+from tests.training import golden
+from tests.training.golden import ep_config
+from workers.model.config import ConfigError
 
 
 def test_loop_selection_and_bad_values():
-    assert needs_moe_loop(ep_config()) and needs_moe_loop(ep_config(ep_size=1, zero_stage=2))
-    assert not needs_moe_loop(ep_config(ep_size=1))
+    assert ep_config().expert_parallel and ep_config(ep_size=1, zero_stage=2).expert_parallel
+    assert not ep_config(ep_size=1).expert_parallel
     with pytest.raises(ConfigError, match="ep_size=3"):
         ep_config(ep_size=3)
     with pytest.raises(ConfigError, match="zero_stage=3"):
@@ -58,6 +35,8 @@ def test_ep_worker_killed_resumes_from_checkpoint_and_finishes(ray_local, mlflow
     assert [m.value for m in resumed] == [3.0]
     steps = {m.step for m in client.get_metric_history(run_id, "train_loss")}
     assert steps == set(range(1, 9))
+    assert tc == golden.ray_configs()["ep2_zero2_crash"]  # the loss curve, bit for bit, of the loop before the merge
+    assert golden.logged_curve(client, run_id) == golden.load()["ray_train"]["ep2_zero2_crash"]
     m = run.data.metrics
     assert {"maxvio/layer_0", "load/layer_0/expert_3", "straggler_ratio", "avg_maxvio", "heldout_nll"} <= set(m)
     # the saved model is unsharded and carries the moved loss-free bias of every layer

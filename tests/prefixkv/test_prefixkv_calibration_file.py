@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tuning.prefixkv.search import RATIO_GRID
-from workers.prefixkv.artifact import load_calibration, save_calibration
+from workers.prefixkv import artifact
 from workers.prefixkv.calibrate import bootstrap_se, reduce_samples
 
 
@@ -20,8 +20,8 @@ def _data(n_layers=3):
 
 
 def test_round_trip_and_cache(tmp_path):
-    p = save_calibration(_data(), tmp_path / "prefixkv.json")
-    cal = load_calibration(tmp_path)  # a directory holding prefixkv.json works too
+    p = artifact.write(_data(), tmp_path / "prefixkv.json")
+    cal = artifact.load(tmp_path)  # a directory holding prefixkv.json works too
     assert cal.fractions()[0.2] == pytest.approx(_data()["scores"]["window"]["fractions"][3])
     cache = cal.cache(0.25)
     assert cache.n_sink == 2 and cache.score.mode == "window" and cache.score.window == 8
@@ -29,6 +29,9 @@ def test_round_trip_and_cache(tmp_path):
     with pytest.raises(ValueError, match="no calibration for score"):
         cal.fractions("sum")
     assert json.loads(p.read_text())["version"] == 1
+    assert cal.check_layers(3) is cal
+    with pytest.raises(ValueError, match="calibrated for 3 layers, the model has 4"):
+        cal.check_layers(4)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +39,8 @@ def test_round_trip_and_cache(tmp_path):
     [
         ({"version": 2}, "version"),
         ({"n_layers": 4}, "shape"),
+        ({"n_sink": -1}, r"prefixkv.json: n_sink=-1: must be an int >= 0"),
+        ({"default_score": "sum"}, r"default_score='sum': must be one of the scores \['window'\]"),
         ({"window": None, "scores": None}, None),
     ],
 )
@@ -47,9 +52,9 @@ def test_malformed_files_rejected(tmp_path, change, match):
         match = "missing 'scores'"
     (tmp_path / "prefixkv.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match=match):
-        load_calibration(tmp_path / "prefixkv.json")
+        artifact.load(tmp_path / "prefixkv.json")
     with pytest.raises(FileNotFoundError, match="no such file"):
-        load_calibration(tmp_path / "other.json")
+        artifact.load(tmp_path / "other.json")
 
 
 def test_reduce_is_order_free_and_bootstrap_spread():

@@ -10,7 +10,7 @@ import pytest
 
 from pipelines import prefixkv
 from tuning.prefixkv.search import RATIO_GRID
-from workers.prefixkv.artifact import load_calibration
+from workers.prefixkv import artifact
 
 
 def _args(model, *extra):
@@ -35,7 +35,7 @@ def test_run_logs_calibration_plots_and_eval(pipeline_run, tiny_checkpoint):
     m = run.data.metrics
     assert m["sum_kth_agrees"] == 1.0 and m["window_kth_agrees"] == 1.0
     assert m["sum_max_bisect_steps"] <= 64
-    cal = load_calibration(f"runs:/{pipeline_run}/prefixkv.json")
+    cal = artifact.load(f"runs:/{pipeline_run}/prefixkv.json")
     assert cal.n_layers == 4 and cal.data["samples"] == 4
     for mode in ("sum", "window"):
         fr = np.array(cal.data["scores"][mode]["fractions"])  # [R, L]
@@ -60,8 +60,8 @@ def test_run_logs_calibration_plots_and_eval(pipeline_run, tiny_checkpoint):
 
 def test_reduction_is_deterministic_across_worker_counts(pipeline_run, tiny_checkpoint):
     other = prefixkv.main(_args(tiny_checkpoint, "--workers", "1", "--eval-samples", "0"))
-    a = load_calibration(f"runs:/{pipeline_run}/prefixkv.json").data["scores"]
-    b = load_calibration(f"runs:/{other}/prefixkv.json").data["scores"]
+    a = artifact.load(f"runs:/{pipeline_run}/prefixkv.json").data["scores"]
+    b = artifact.load(f"runs:/{other}/prefixkv.json").data["scores"]
     assert a == b
 
 

@@ -11,16 +11,20 @@ import math
 
 
 def validate_pattern(pattern: str, n_layers: int | None = None) -> str:
-    """Return `pattern` unchanged if it is a legal F/S pattern, else raise ValueError naming it."""
+    """Return `pattern` unchanged if it is a legal F/S pattern (of n_layers layers, when given).
+
+    The one F/S rule of the project: the model config, the search and serving all call it. A bad
+    pattern raises ValueError("pattern=<value>: <why>"), so callers can prefix where it came from.
+    """
     if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"pattern must be a non-empty F/S string, got {pattern!r}")
+        raise ValueError(f"pattern={pattern!r}: must be a non-empty F/S string")
     bad = sorted(set(pattern) - {"F", "S"})
     if bad:
-        raise ValueError(f"pattern {pattern!r} has characters {bad}; only 'F' and 'S' are allowed")
+        raise ValueError(f"pattern={pattern!r}: has characters {bad}; only 'F' and 'S' are allowed")
     if pattern[0] != "F":
-        raise ValueError(f"pattern {pattern!r} must start with 'F' (layer 0 always runs its indexer)")
+        raise ValueError(f"pattern={pattern!r}: must start with 'F' (layer 0 always runs its indexer)")
     if n_layers is not None and len(pattern) != n_layers:
-        raise ValueError(f"pattern {pattern!r} has {len(pattern)} layers, the model has {n_layers}")
+        raise ValueError(f"pattern={pattern!r}: has {len(pattern)} layers, the model has {n_layers}")
     return pattern
 
 

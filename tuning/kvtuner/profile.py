@@ -1,4 +1,4 @@
-"""KVTuner sensitivity profile: per (layer, pair) damage, distributed over Ray actors.
+"""KVTuner sensitivity profile: per (layer, pair) damage, and its per-layer Pareto-pruned candidates.
 
 Shape legend: N layers, P = 9 pairs (K and V bits in {2, 4, 8}).
 

@@ -185,8 +185,3 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
             seen.add(points[i])
             out.append(i)
     return out
-
-
-def map_name(layer_pairs: Sequence[Pair]) -> str:
-    """'K8V4-KV4-K4V2' style compact name of a per-layer map."""
-    return "-".join(p.name for p in layer_pairs)

@@ -30,6 +30,7 @@ import torch
 from kernels.kv_quant import BITS, quantize_pack, unpack_dequantize
 from tuning.prefixkv.plan import plan_counts
 from tuning.prefixkv.search import n_protected
+from workers.caches import CACHES
 from workers.caches.protocol import KVView
 from workers.caches.scoring import ScoreConfig, received, static_scores
 
@@ -132,8 +133,11 @@ def _take(t: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
     return torch.gather(t, 1, idx)
 
 
+@CACHES.register
 class ComposedCache:
     """Eviction (PrefixKV) then quantization (KVTuner), per layer; see the module docstring."""
+
+    name = "composed"
 
     def __init__(self, spec: ComposedSpec) -> None:
         self.spec = spec

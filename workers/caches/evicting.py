@@ -28,12 +28,16 @@ import torch
 
 from tuning.prefixkv.plan import plan_counts
 from tuning.prefixkv.search import n_protected, validate_ratio
-from workers.caches.protocol import KVView
+from workers.caches import CACHES
+from workers.caches.protocol import KVView, appended
 from workers.caches.scoring import ScoreConfig, received, static_scores
 
 
+@CACHES.register
 class EvictingCache:
     """Per-layer evicting cache (see module docstring)."""
+
+    name = "evicting"
 
     def __init__(
         self,
@@ -80,19 +84,9 @@ class EvictingCache:
                 f"EvictingCache layer {layer}: the previous forward never called observe(); "
                 "pass observer=cache.observe (or **cache.forward_kwargs()) to the model"
             )
-        old = self.layers[layer]
-        new_scores = static_scores(self.score, layer, pos)
-        if old is None:
-            view = KVView(k, v, pos, idx_k)
-            scores = new_scores
-        else:
-            view = KVView(
-                torch.cat([old.k, k], 1),
-                torch.cat([old.v, v], 1),
-                torch.cat([old.pos, pos], 1),
-                None if idx_k is None or old.idx_k is None else torch.cat([old.idx_k, idx_k], 1),
-            )
-            scores = torch.cat([self.scores[layer], new_scores], 1)
+        old, new_scores = self.layers[layer], static_scores(self.score, layer, pos)
+        view = appended(old, k, v, pos, idx_k)
+        scores = new_scores if old is None else torch.cat([self.scores[layer], new_scores], 1)
         self.layers[layer], self.scores[layer] = view, scores
         self.pending[layer] = k.shape[1]
         return view

@@ -5,19 +5,13 @@ Bits (spec/kvtuner.md):
 - stored bits per K/V element also count each group's fp32 scale and min and the
   full-precision window, for a given context length (`stored_bits(n_tokens, head_dim)`).
 
-`kv_precision.json` (one per budget; the pipeline also writes all budgets in one file as
-{"method": "kvtuner", "maps": {"4.0": <map>, ...}}, read with `from_json(path, budget=4.0)`):
-    {"method": "kvtuner", "mode": "kivi", "group_size": 32, "residual": 32,
-     "layers": [{"layer": 0, "k_bits": 8, "v_bits": 4}, ...],
-     "equivalent_bits": 6.0, "budget": 6.0, ...extra fields...}
+Its file, `kv_precision.json`, is written and read by workers.kvtuner.artifact.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from kernels.kv_quant import MODES, group_shape, words_per_vector
 from tuning.kvtuner.space import Pair, equivalent_bits, parse_pair
@@ -38,7 +32,6 @@ class KVQuantConfig:
     mode: str = "kivi"
     group: int = 32
     residual: int = 32
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         if not self.layers:
@@ -100,48 +93,6 @@ class KVQuantConfig:
     def name(self) -> str:
         names = [p.name for p in self.layers]
         return names[0] if len(set(names)) == 1 else "-".join(names)
-
-    def to_dict(self, **extra) -> dict:
-        return {
-            "method": "kvtuner",
-            "mode": self.mode,
-            "group_size": self.group,
-            "residual": self.residual,
-            "layers": [{"layer": i, "k_bits": p.k, "v_bits": p.v} for i, p in enumerate(self.layers)],
-            "equivalent_bits": self.nominal_bits,
-            "mixed": len(set(self.layers)) > 1,
-            **self.extra,
-            **extra,
-        }
-
-    def to_json(self, path: str | Path, **extra) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(**extra), indent=2))
-        return path
-
-    @classmethod
-    def from_dict(cls, d: dict, budget: float | None = None) -> KVQuantConfig:
-        """One map, or from a multi-budget file {"maps": {str(budget): map}} the map for `budget`."""
-        if isinstance(d.get("maps"), dict):
-            maps = d["maps"]
-            if budget is None and len(maps) == 1:
-                return cls.from_dict(next(iter(maps.values())))
-            hit = [k for k in maps if budget is not None and abs(float(k) - budget) < 1e-6]
-            if not hit:
-                raise ValueError(f"budget={budget!r}: kv_precision file has maps for budgets {sorted(maps)}")
-            return cls.from_dict(maps[hit[0]])
-        try:
-            layers = [Pair(int(e["k_bits"]), int(e["v_bits"])) for e in sorted(d["layers"], key=lambda e: e["layer"])]
-            return cls(tuple(layers), mode=d["mode"], group=int(d["group_size"]), residual=int(d["residual"]))
-        except KeyError as e:
-            raise ValueError(f"kv_precision config is missing field {e}") from e
-
-    @classmethod
-    def from_json(cls, path: str | Path, budget: float | None = None) -> KVQuantConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"kv_precision file {str(path)!r} does not exist")
-        return cls.from_dict(json.loads(path.read_text()), budget)
 
 
 def parse_map(text: str | Sequence[str], n_layers: int) -> tuple[Pair, ...]:

@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from workers.caches import CACHES
+
 
 @dataclass
 class KVView:
@@ -27,6 +29,18 @@ class KVView:
     def nbytes(self) -> int:
         """Bytes held by keys, values and indexer keys."""
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.idx_k) if t is not None)
+
+
+def appended(old: KVView | None, k, v, pos, idx_k=None) -> KVView:
+    """``old`` (None = empty) with new tokens k, v [B, T, Hkv, Dh], pos [B, T], idx_k [B, T, Di] appended."""
+    if old is None:
+        return KVView(k, v, pos, idx_k)
+    return KVView(
+        torch.cat([old.k, k], 1),
+        torch.cat([old.v, v], 1),
+        torch.cat([old.pos, pos], 1),
+        None if idx_k is None or old.idx_k is None else torch.cat([old.idx_k, idx_k], 1),
+    )
 
 
 class KVCacheProtocol(Protocol):
@@ -44,24 +58,18 @@ class KVCacheProtocol(Protocol):
     def nbytes(self) -> int: ...
 
 
+@CACHES.register
 class DynamicCache:
     """Full-precision cache that grows by concatenation (the reference every other cache is compared to)."""
+
+    name = "full"
 
     def __init__(self, n_layers: int) -> None:
         self.n_layers = n_layers
         self.layers: list[KVView | None] = [None] * n_layers
 
     def update(self, layer, k, v, pos, idx_k=None) -> KVView:
-        old = self.layers[layer]
-        if old is None:
-            view = KVView(k, v, pos, idx_k)
-        else:
-            view = KVView(
-                torch.cat([old.k, k], 1),
-                torch.cat([old.v, v], 1),
-                torch.cat([old.pos, pos], 1),
-                None if idx_k is None or old.idx_k is None else torch.cat([old.idx_k, idx_k], 1),
-            )
+        view = appended(self.layers[layer], k, v, pos, idx_k)
         self.layers[layer] = view
         return view
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 
 from kernels.kv_quant import PackedKV, fake_quantize, quantize_pack, unpack_dequantize
+from workers.caches import CACHES
 from workers.caches.precision import KVQuantConfig
-from workers.caches.protocol import KVView
+from workers.caches.protocol import DynamicCache, KVView
 
 
 def _grow(t: torch.Tensor | None, n_used: int, cap: int, fill=0) -> torch.Tensor | None:
@@ -112,8 +113,11 @@ class _QuantizedCache:
         raise NotImplementedError
 
 
+@CACHES.register
 class FakeQuantCache(_QuantizedCache):
     """Stores x_hat (dequantized values) in one fp buffer per layer: fast reads for the search."""
+
+    name = "fake"
 
     def __init__(self, config: KVQuantConfig, capacity: int = 0) -> None:
         super().__init__(config, capacity)
@@ -158,8 +162,11 @@ class FakeQuantCache(_QuantizedCache):
         return 2 * used.numel() * used.element_size(), 2 * used.numel()
 
 
+@CACHES.register
 class PackedKVCache(_QuantizedCache):
     """int32-packed codes + fp32 scale/min per group (kernels.kv_quant layout) + fp window."""
+
+    name = "packed"
 
     def __init__(self, config: KVQuantConfig, capacity: int = 0) -> None:
         super().__init__(config, capacity)
@@ -246,16 +253,14 @@ class PackedKVCache(_QuantizedCache):
         return b, 2 * B * self.n[layer] * H * Dh
 
 
-CACHE_KINDS = {"fake": FakeQuantCache, "packed": PackedKVCache}
-
-
 def make_cache(config: KVQuantConfig | None, n_layers: int, kind: str = "fake", capacity: int = 0):
-    """A quantized cache for `config`, or the full-precision DynamicCache when config is None."""
+    """The quantized cache registered as `kind` ("fake", "packed") for `config`, or the full-precision
+    DynamicCache when config is None."""
     if config is None:
-        from workers.caches.protocol import DynamicCache
-
         return DynamicCache(n_layers)
-    if kind not in CACHE_KINDS:
-        raise ValueError(f"cache kind must be one of {sorted(CACHE_KINDS)}, got {kind!r}")
+    cls = CACHES.get(kind)
+    if not issubclass(cls, _QuantizedCache):
+        kinds = [n for n in CACHES.names() if issubclass(CACHES.get(n), _QuantizedCache)]
+        raise ValueError(f"cache kind {kind!r} does not quantize; the quantized kinds are {kinds}")
     config.check_model(n_layers)
-    return CACHE_KINDS[kind](config, capacity)
+    return cls(config, capacity)

@@ -13,11 +13,6 @@ class ByteTokenizer:
     def encode(self, text: str | bytes) -> list[int]:
         return list(text.encode("utf-8") if isinstance(text, str) else text)
 
-    def encode_tensor(self, text: str | bytes) -> torch.Tensor:
-        """text -> [T] int64."""
-        data = text.encode("utf-8") if isinstance(text, str) else text
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-
     def decode(self, ids) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()

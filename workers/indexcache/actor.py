@@ -1,4 +1,4 @@
-"""Ray calibration actors for the IndexCache search, and the pool that drives them.
+"""Ray calibration actors for the IndexCache search, and the evaluator that drives them.
 
 Each `CalibrationActor` owns the model, one shard of the calibration windows and that
 shard's prefix cache. Per greedy step the driver asks every actor for per-candidate
@@ -10,20 +10,16 @@ therefore the search, do not change.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
 import ray
 import torch
-from ray.exceptions import RayActorError
 
 from tuning.indexcache.losses import LossSum, reduce_shards
 from tuning.indexcache.patterns import flip, validate_pattern
 from workers.indexcache.evaluate import ShardEvaluator, topk_overlap, window_nll
-
-log = logging.getLogger(__name__)
-_DEAD = RayActorError  # the actor process is gone (killed, OOM, node lost)
+from workers.runtime.pool import ActorPool
 
 
 @ray.remote(max_restarts=0)
@@ -75,8 +71,8 @@ def split_rows(n: int, parts: int) -> list[slice]:
     return out
 
 
-class ActorPool:
-    """A `CandidateEvaluator` over calibration actors, one shard each, replacing dead ones."""
+class CalibrationPool:
+    """A `CandidateEvaluator` over calibration actors, one shard each, on the runtime `ActorPool`."""
 
     def __init__(
         self,
@@ -90,45 +86,33 @@ class ActorPool:
         threads: int = 1,
     ):
         self.n_layers = len(model.layers)
-        self.mode, self.batch_size = mode, batch_size
-        self._model_ref = ray.put(model)
-        self._shards = [ray.put(windows[s].clone()) for s in split_rows(windows.shape[0], n_workers)]
-        self._shard_rows = [s.stop - s.start for s in split_rows(windows.shape[0], n_workers)]
-        self._opts = {"num_cpus": num_cpus}
-        self._threads = threads
-        self.actors = [self._spawn(i) for i in range(n_workers)]
+        shards = split_rows(windows.shape[0], n_workers)
+        self._shard_rows = [s.stop - s.start for s in shards]
+        model_ref, shard_refs = ray.put(model), [ray.put(windows[s].clone()) for s in shards]
+        actor = CalibrationActor.options(num_cpus=num_cpus)
         self.pattern = "F" * self.n_layers
-        self.replacements = 0
         self._units = 0
-
-    def _spawn(self, shard: int):
-        return CalibrationActor.options(**self._opts).remote(
-            self._model_ref, self._shards[shard], self.batch_size, self.mode, self._threads
+        self._pool = ActorPool(
+            lambda shard: actor.remote(model_ref, shard_refs[shard], batch_size, mode, threads),
+            n_workers,
+            on_replace=self._catch_up,
         )
 
-    def _replace(self, shard: int) -> None:
-        """A fresh actor for `shard`, reset to the committed pattern (its cache rebuilt)."""
-        log.warning("calibration actor %d died; replacing it and recomputing its shard", shard)
-        self.replacements += 1
-        self.actors[shard] = self._spawn(shard)
-        _, units = ray.get(self.actors[shard].reset.remote(self.pattern))
+    def _catch_up(self, shard: int, actor) -> None:
+        """A replacement is reset to the committed pattern (its prefix cache rebuilt)."""
+        _, units = ray.get(actor.reset.remote(self.pattern))
         self._units += units
 
+    @property
+    def actors(self) -> list:
+        return self._pool.actors
+
+    @property
+    def replacements(self) -> int:
+        return self._pool.replacements
+
     def _call_all(self, method: str, *args) -> list:
-        """Call `method` on every actor; a dead actor is replaced and its call repeated."""
-        refs = [getattr(a, method).remote(*args) for a in self.actors]
-        out = []
-        for shard, ref in enumerate(refs):
-            for attempt in range(3):
-                try:
-                    out.append(ray.get(ref))
-                    break
-                except _DEAD:
-                    if attempt == 2:
-                        raise
-                    self._replace(shard)
-                    ref = getattr(self.actors[shard], method).remote(*args)
-        return out
+        return self._pool.each(lambda actor, _: getattr(actor, method).remote(*args))
 
     def total_rows(self) -> int:
         return sum(self._shard_rows)
@@ -152,14 +136,8 @@ class ActorPool:
 
     def commit(self, layer: int) -> None:
         self.pattern = flip(self.pattern, layer)
-        # A replacement spawned here is reset to the new pattern already; its commit is
-        # then a second flip of the same layer, so commit on replacements is skipped.
-        refs = [a.commit.remote(layer) for a in self.actors]
-        for shard, ref in enumerate(refs):
-            try:
-                ray.get(ref)
-            except _DEAD:
-                self._replace(shard)
+        # A replacement is reset to the new pattern already; committing on it would flip the layer back.
+        self._pool.each(lambda actor, _: actor.commit.remote(layer), repeat=False)
 
     def indexer_calls(self) -> int:
         return sum(self._call_all("indexer_calls"))
@@ -167,34 +145,20 @@ class ActorPool:
     def score_windows(self, windows: torch.Tensor, patterns: Sequence[str], batch_size: int) -> dict[str, torch.Tensor]:
         """Per-window mean NLL [R] of every pattern, windows spread over the actors."""
         parts = split_rows(windows.shape[0], min(len(self.actors), windows.shape[0]))
-        refs = [
-            self.actors[i].score_windows.remote(windows[s].clone(), list(patterns), batch_size)
-            for i, s in enumerate(parts)
-        ]
-        results = self._gather(
-            refs, lambda i: self.actors[i].score_windows.remote(windows[parts[i]].clone(), list(patterns), batch_size)
+        results = self._pool.each(
+            lambda actor, i: actor.score_windows.remote(windows[parts[i]].clone(), list(patterns), batch_size),
+            len(parts),
         )
         return {p: torch.tensor([v for r in results for v in r[p]], dtype=torch.float64) for p in patterns}
 
     def overlap(self, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Mean top-k overlap matrix [N, N] over the windows, spread over the actors."""
         parts = split_rows(windows.shape[0], min(len(self.actors), windows.shape[0]))
-        refs = [self.actors[i].overlap.remote(windows[s].clone(), batch_size) for i, s in enumerate(parts)]
-        results = self._gather(refs, lambda i: self.actors[i].overlap.remote(windows[parts[i]].clone(), batch_size))
+        results = self._pool.each(
+            lambda actor, i: actor.overlap.remote(windows[parts[i]].clone(), batch_size), len(parts)
+        )
         total = sum(r[0] for r in results)
         return total / sum(r[1] for r in results)
 
-    def _gather(self, refs: list, retry) -> list:
-        out = []
-        for i, ref in enumerate(refs):
-            try:
-                out.append(ray.get(ref))
-            except _DEAD:
-                self._replace(i)
-                out.append(ray.get(retry(i)))
-        return out
-
     def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
+        self._pool.close()

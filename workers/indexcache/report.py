@@ -2,7 +2,7 @@
 
 All NLLs are mean next-token NLL in nats per byte (the tokenizer is bytes); bits per byte
 is nats / ln 2. Comparisons are paired over the same held-out windows: d_w = NLL_A(w) -
-NLL_B(w), reported as mean(d) and its standard error std(d) / sqrt(n).
+NLL_B(w), reported as mean(d) and its standard error std(d) / sqrt(n) (`workers.stats`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from workers.stats import paired_difference
 
 LN2 = math.log(2.0)
 
@@ -29,11 +31,10 @@ class Paired:
 
 
 def paired(a: torch.Tensor, b: torch.Tensor) -> Paired:
-    """Paired difference of per-window NLLs a, b [W]."""
+    """Paired difference of per-window NLLs a, b [W] (W >= 2, so that it has a standard error)."""
     if a.shape != b.shape or a.dim() != 1 or a.numel() < 2:
         raise ValueError(f"paired() needs two equal 1-D vectors of >= 2 windows, got {a.shape}, {b.shape}")
-    d = (a - b).double()
-    return Paired(float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel())), d.numel())
+    return Paired(*paired_difference(a.tolist(), b.tolist()), a.numel())
 
 
 def retention_rows(results: list[dict]) -> list[dict]:
@@ -131,13 +132,13 @@ def _distill(cfg, model, data, jobs: list[tuple[float, str, str]]) -> dict[tuple
 
 def report(cfg, model, data, state, pool) -> dict:
     """Every report of a finished search, logged to the active MLflow run; returns the summary."""
-    import json
     import tempfile
     from pathlib import Path
 
     import mlflow
 
     from tuning.indexcache.patterns import indexer_fraction_removed, n_full_layers, uniform_interleave
+    from workers.indexcache import artifact
     from workers.runtime import tracking
 
     n = state.n_layers
@@ -237,5 +238,5 @@ def report(cfg, model, data, state, pool) -> dict:
         ],
         "overlap": overlap.tolist() if overlap is not None else None,
     }
-    mlflow.log_text(json.dumps(doc, indent=1), "indexcache.json")
+    mlflow.log_text(artifact.dumps(doc), artifact.FILE_NAME)
     return {"retentions": results, "metrics": metrics, "indexcache": doc}

@@ -16,13 +16,13 @@ from tuning.kvtuner.space import PAIRS, parse_pair
 from workers.caches.precision import KVQuantConfig
 from workers.kvtuner.evaluate import EvalData, cache_factory, logprobs, proxy_metrics, summary, task_metric
 from workers.model.hf.address import load_any
-from workers.runtime.pool import WorkerPool
+from workers.runtime.pool import ActorPool
 
 
 class KVWorker:
-    """Ray actor holding the model and named data sets; `run(items)` evaluates a list of jobs.
+    """Ray actor holding the model and named data sets; `run(job)` evaluates one job.
 
-    Items (dicts):
+    Jobs (dicts):
     - {"op": "probe", "layer": l, "pair": "K8V4", "data": "calib"}: only layer l quantized
       (the sensitivity profile; one prefill + one continuation pass per batch);
     - {"op": "proxy", "map": "K8V4,KV4,...", "data": "calib"}: KL / NLL vs full precision;
@@ -51,24 +51,25 @@ class KVWorker:
         make = cache_factory(self.config(layers), self.n_layers, "fake", only_layer)
         return proxy_metrics(self.ref(data), logprobs(self.model, d, make, self.batch_size), d)
 
-    def run(self, items: list[dict]) -> list[dict]:
-        out = []
-        for it in items:
-            op, data = it["op"], it.get("data", "calib")
-            if op == "probe":
-                p = parse_pair(it["pair"])
-                m = self.proxy([p] * self.n_layers, data, only_layer=it["layer"])
-                out.append({"layer": it["layer"], "pair": p.name, **{k: m[k] for k in ("damage", "nll", "exact")}})
-            elif op == "proxy":
-                m = self.proxy(it["map"].split(","), data)
-                out.append({"map": it["map"], **{k: m[k] for k in ("damage", "nll", "exact")}})
-            elif op == "task":
-                cfg = None if it["map"] is None else self.config(it["map"].split(","))
-                r = task_metric(self.model, self.datasets[data], cfg, self.n_layers, self.batch_size)
-                out.append({"map": it["map"], **summary(r), "per_example": [float(x) for x in r.per_example]})
-            else:
-                raise ValueError(f"unknown KVWorker op {op!r}")
-        return out
+    def run(self, job: dict) -> dict:
+        op, data = job["op"], job.get("data", "calib")
+        if op == "probe":
+            p = parse_pair(job["pair"])
+            m = self.proxy([p] * self.n_layers, data, only_layer=job["layer"])
+            return {"layer": job["layer"], "pair": p.name, **{k: m[k] for k in ("damage", "nll", "exact")}}
+        if op == "proxy":
+            m = self.proxy(job["map"].split(","), data)
+            return {"map": job["map"], **{k: m[k] for k in ("damage", "nll", "exact")}}
+        if op == "task":
+            cfg = None if job["map"] is None else self.config(job["map"].split(","))
+            r = task_metric(self.model, self.datasets[data], cfg, self.n_layers, self.batch_size)
+            return {"map": job["map"], **summary(r), "per_example": [float(x) for x in r.per_example]}
+        raise ValueError(f"unknown KVWorker op {op!r}")
+
+
+def run_jobs(pool: ActorPool, jobs: list[dict]) -> list[dict]:
+    """`KVWorker.run` of every job on the pool's actors, in job order."""
+    return list(pool.map(lambda actor, job: actor.run.remote(job), jobs))
 
 
 def profile_jobs(n_layers: int, data: str = "calib") -> list[dict]:
@@ -110,6 +111,6 @@ class KVTrial(tune.Trainable):
         }
 
 
-def run_profile(pool: WorkerPool, n_layers: int) -> Profile:
+def run_profile(pool: ActorPool, n_layers: int) -> Profile:
     """The N * 9 single-layer probes on the pool's calibration data -> Profile."""
-    return assemble(pool.map(profile_jobs(n_layers)), n_layers)
+    return assemble(run_jobs(pool, profile_jobs(n_layers)), n_layers)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from workers.caches.precision import KVQuantConfig
 from workers.caches.quantized import make_cache
-from workers.eval import AccuracyResult, NLLResult, continuation_logits, mean_se, retrieval_accuracy
+from workers.eval import AccuracyResult, NLLResult, continuation_logits, retrieval_accuracy
+from workers.stats import mean_se
 
 TASKS = ("text", "retrieval")
 

@@ -1,4 +1,4 @@
-"""KVTuner outputs: per-budget selection, Pareto table/plot, profile heatmap, paired comparisons.
+"""KVTuner outputs: per-budget selection, the Pareto front and its plot, the profile heatmap.
 
 Pure functions over plain rows (dicts) so the driver stays short and this stays testable.
 A search row: {"map": "K8V4,KV4,...", "bits", "damage", "nll", ...}; a report row adds the
@@ -7,7 +7,6 @@ held-out task metric with per-example values for paired comparisons.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,25 +27,6 @@ def select_for_budget(rows: Sequence[dict], budget: float, key: str = "damage", 
         return None
     sign = -1.0 if higher_is_better else 1.0
     return min(fit, key=lambda r: (sign * float(r[key]), float(r["bits"])))
-
-
-def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of a - b over the same examples."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired comparison needs equal non-empty lengths, got {len(a)} and {len(b)}")
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return float(d.mean()), se
-
-
-def markdown_table(rows: Sequence[dict], cols: Sequence[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    return head + "".join("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |\n" for r in rows)
 
 
 def plot_pareto(rows: Sequence[dict], baselines: Sequence[dict], path: str, title: str = "") -> None:

@@ -3,8 +3,8 @@
 For each budget the chosen map is compared (paired over the same held-out examples) with
 full precision, every uniform baseline, uniform K2V4, the same map with its layers reversed,
 and the best uniform map with at most as many bits. Deltas are chosen - other in the task's
-unit: exact match (higher is better) or NLL in nats (lower is better). Writes
-`kv_precision.json` ({"maps": {str(budget): map}}), `budgets/<b>/kv_precision.json`, `report.json`, `report.md`.
+unit: exact match (higher is better) or NLL in nats (lower is better). Writes `kv_precision.json`
+(every budget) and `budgets/<b>/kv_precision.json` (workers.kvtuner.artifact), `report.json`, `report.md`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 from tuning.kvtuner.space import equivalent_bits, parse_pair
-from workers.kvtuner.report import markdown_table, paired
+from workers.kvtuner import artifact
+from workers.kvtuner.actors import run_jobs
+from workers.stats import markdown_table, paired_difference
 
 
 def _bits(map_str: str | None) -> float:
@@ -32,7 +34,7 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
         named[f"kvtuner_b{b}"] = row["map"]
         named[f"reversed_b{b}"] = ",".join(reversed(row["map"].split(",")))
     distinct = list(dict.fromkeys(named.values()))
-    res = pool.map([{"op": "task", "map": m, "data": "report"} for m in distinct])
+    res = run_jobs(pool, [{"op": "task", "map": m, "data": "report"} for m in distinct])
     by_map = dict(zip(distinct, res))
 
     rows = []
@@ -58,7 +60,7 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
     comps = []
 
     def compare(a: str, b: str, label: str) -> None:
-        d, se = paired(by_name[a]["per_example"], by_name[b]["per_example"])
+        d, se = paired_difference(by_name[a]["per_example"], by_name[b]["per_example"])
         comps.append({"a": a, "b": b, "label": label, "delta": d, "se": se})
 
     if "KV8" in by_name:
@@ -88,10 +90,9 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
             "heldout": {k: by_name[f"kvtuner_b{b}"][k] for k in ("metric", "value", "se")},
         }
         (bdir / f"{b:g}").mkdir(exist_ok=True)
-        qc.to_json(bdir / f"{b:g}" / "kv_precision.json", **extra)
-        maps[str(b)] = qc.to_dict(**extra)
-    # one file for every budget, keyed by str(budget) (serve picks one with kv_budget=)
-    (out / "kv_precision.json").write_text(json.dumps({"method": "kvtuner", "maps": maps}, indent=1))
+        artifact.write_map(bdir / f"{b:g}" / artifact.FILE_NAME, qc, **extra)
+        maps[b] = artifact.map_entry(qc, **extra)
+    artifact.write_budgets(out / artifact.FILE_NAME, maps)
     table = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
     (out / "report.json").write_text(json.dumps({"rows": rows, "comparisons": comps, "data": data.name}, indent=1))
     md = markdown_table(table, ["name", "map", "nominal_bits", "stored_bits", "kv_bytes_per_token", "value", "se"])

@@ -37,13 +37,10 @@ def resolve(address: str | Path) -> Path:
     if address.startswith("hf:"):
         raise CheckpointError(f"model={address!r}: hf: models load through workers.model.hf.address, not CalibLM")
     if address.startswith(("runs:/", "models:/")):
-        import mlflow
+        from workers.runtime.tracking import download
 
-        from workers.runtime.tracking import tracking_uri
-
-        mlflow.set_tracking_uri(tracking_uri())
         try:
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=address))
+            path = download(address)
         except Exception as e:  # mlflow raises several types for a missing run or artifact
             raise CheckpointError(f"model={address!r}: cannot download from MLflow ({e})") from e
     else:

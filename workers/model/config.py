@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuning.indexcache import patterns
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
@@ -185,10 +187,10 @@ class ModelConfig:
 
 
 def validate_pattern(pattern: str, n_layers: int, *, has_indexer: bool = True) -> str:
-    """Check an IndexCache pattern: one F/S per layer, starting with F."""
-    _check(isinstance(pattern, str), "pattern", pattern, "must be a string over {F, S}")
+    """An IndexCache pattern for this model: it needs an indexer, then the one F/S rule
+    (tuning.indexcache.patterns.validate_pattern), raised as a ConfigError naming the pattern."""
     _check(has_indexer, "pattern", pattern, "needs a model with an indexer (config.indexer is None)")
-    _check(len(pattern) == n_layers, "pattern", pattern, f"length {len(pattern)} != n_layers={n_layers}")
-    _check(set(pattern) <= {"F", "S"}, "pattern", pattern, "only the letters F and S are allowed")
-    _check(pattern[:1] == "F", "pattern", pattern, "layer 0 must be F (an S layer needs an earlier F)")
-    return pattern
+    try:
+        return patterns.validate_pattern(pattern, n_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -12,7 +12,6 @@ Shape legend: B sequences, T tokens, E experts, L MoE layers.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -22,9 +21,13 @@ from workers.data.corpus import load_corpus
 from workers.eval import heldout_nll
 from workers.model.config import ConfigError, ModelConfig, MoEConfig, RouterConfig
 from workers.model.moe.balancing import max_vio
-from workers.model.moe.distributed import balancing_step, moe_layers, take_router_time
+from workers.model.moe.distributed import moe_layers
 from workers.model.moe.metrics import MaxVioTracker, straggler_ratio
-from workers.model.transformer import CalibLM, lm_loss
+from workers.model.transformer import CalibLM
+from workers.training.batches import text_batch
+from workers.training.loop import StepResult, run_steps
+from workers.training.optim import AdamWOptimizer
+from workers.training.schedule import LRSchedule
 
 # arm name -> router settings (anything not named keeps the RouterConfig default)
 ARMS: dict[str, dict] = {
@@ -54,6 +57,9 @@ class ExperimentConfig:
     seq_len: int = 128
     lr: float = 3e-3
     warmup_steps: int = 10
+    min_lr_frac: float = 0.1  # cosine decay to 10% of the peak
+    weight_decay: float = 0.1
+    decay_norms: bool = True  # AdamW decays the norm gains too: the recipe the reported numbers ran with
     grad_clip: float = 1.0
     eval_windows: int = 64
     straggler_ep: int = 4  # expert-parallel size assumed for the straggler proxy
@@ -65,8 +71,11 @@ class ExperimentConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
         if self.seq_len < 2:
             raise ConfigError(f"seq_len={self.seq_len!r}: must be >= 2")
-        if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr!r}: must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay!r}: must be >= 0")
+        if self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip={self.grad_clip!r}: must be > 0")
+        self.schedule  # noqa: B018 - constructing it checks lr, warmup_steps and min_lr_frac
         if self.n_experts % self.straggler_ep:
             raise ConfigError(f"straggler_ep={self.straggler_ep!r}: must divide n_experts={self.n_experts}")
         self.model_config("none")  # model fields are checked by ModelConfig itself
@@ -92,6 +101,10 @@ class ExperimentConfig:
             moe=moe,
         )
 
+    @property
+    def schedule(self) -> LRSchedule:
+        return LRSchedule(lr=self.lr, steps=self.steps, warmup_steps=self.warmup_steps, min_lr_frac=self.min_lr_frac)
+
     def replace(self, **changes) -> ExperimentConfig:
         return replace(self, **changes)
 
@@ -99,19 +112,9 @@ class ExperimentConfig:
         return asdict(self)
 
 
-def lr_at(cfg: ExperimentConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
 def batch(tokens: torch.Tensor, cfg: ExperimentConfig, seed: int, step: int) -> torch.Tensor:
     """The batch [B, T] of one step: a pure function of (seed, step), shared by all arms."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, tokens.numel() - cfg.seq_len, (cfg.batch_size,), generator=g)
-    return torch.stack([tokens[s : s + cfg.seq_len] for s in starts.tolist()])
+    return text_batch(tokens, cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(seed * 1_000_003 + step))
 
 
 @torch.no_grad()
@@ -133,41 +136,35 @@ def train_arm(cfg: ExperimentConfig, arm: str, seed: int, on_step: Callable[[int
     straggler [S], load_layer{l}/expert{j} [S] (tokens routed to expert j in layer l).
     """
     torch.manual_seed(seed)  # same initial weights for every arm of this seed
-    model = CalibLM(cfg.model_config(arm)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    model = CalibLM(cfg.model_config(arm))
+    opt = AdamWOptimizer(
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, decay_norms=cfg.decay_norms
+    )
     corpus = load_corpus(cfg.corpus)
     tokens = corpus.tokens("train")
     tracker = MaxVioTracker()
     series: dict[str, list[float]] = {"train_loss": [], "maxvio": [], "router_ms": [], "straggler": []}
     train_time, n_tokens = 0.0, 0
-    take_router_time(model)
-    for step in range(cfg.steps):
-        x = batch(tokens, cfg, seed, step)
-        start = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        out = model(x, attn="dense")
-        ce = lm_loss(out.logits, x)
-        opt.zero_grad(set_to_none=True)
-        (ce + out.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        loads = balancing_step(model)
-        train_time += time.perf_counter() - start
-        n_tokens += x.numel()
-        vios = tracker.add_step(loads)
+
+    def record(r: StepResult) -> None:
+        nonlocal train_time, n_tokens
+        train_time += r.seconds
+        n_tokens += r.x.numel()
+        vios = tracker.add_step(r.loads)
         row = {
-            "train_loss": float(ce.detach()),
+            "train_loss": float(r.ce.detach()),
             "maxvio": sum(vios) / len(vios),
-            "router_ms": 1e3 * take_router_time(model),
-            "straggler": sum(straggler_ratio(ld, cfg.straggler_ep) for ld in loads) / len(loads),
+            "router_ms": 1e3 * r.router_s,
+            "straggler": sum(straggler_ratio(ld, cfg.straggler_ep) for ld in r.loads) / len(r.loads),
             **{f"maxvio_layer{i}": v for i, v in enumerate(vios)},
-            **{f"load_layer{i}/expert{j}": x for i, ld in enumerate(loads) for j, x in enumerate(ld.tolist())},
+            **{f"load_layer{i}/expert{j}": x for i, ld in enumerate(r.loads) for j, x in enumerate(ld.tolist())},
         }
         for k, v in row.items():
             series.setdefault(k, []).append(v)
         if on_step is not None:
-            on_step(step + 1, row)
+            on_step(r.step, row)
+
+    run_steps(model, opt, cfg.schedule, lambda step: (batch(tokens, cfg, seed, step), None), hooks=[record])
     windows = corpus.eval_windows("heldout", cfg.seq_len, cfg.eval_windows)
     nll = heldout_nll(model, windows, attn="dense")
     global_vio = heldout_global_maxvio(model, windows)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from workers.stats import markdown_table
+
 # the columns compared across arms, in report order
 COLUMNS = (
     "maxvio_step1",
@@ -41,14 +43,14 @@ def comparison_table(per_trial: pd.DataFrame, arms: list[str]) -> pd.DataFrame:
 def markdown(table: pd.DataFrame, columns: tuple[str, ...] = COLUMNS, digits: int = 3) -> str:
     """`mean ± std` cells, one row per arm (for docs)."""
     cols = [c for c in columns if f"{c}_mean" in table.columns]
-    lines = ["| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for row in table.itertuples(index=False):
-        cells = []
-        for c in cols:
-            m, s = getattr(row, f"{c}_mean"), getattr(row, f"{c}_std")
-            cells.append(f"{m:.{digits}g} ± {s:.2g}" if pd.notna(s) else f"{m:.{digits}g}")
-        lines.append(f"| {row.arm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(m: float, s: float) -> str:
+        return f"{m:.{digits}g} ± {s:.2g}" if pd.notna(s) else f"{m:.{digits}g}"
+
+    rows = [
+        {"arm": r["arm"], **{c: cell(r[f"{c}_mean"], r[f"{c}_std"]) for c in cols}} for r in table.to_dict("records")
+    ]
+    return markdown_table(rows, ["arm", *cols])
 
 
 def plot_maxvio(trials: list[dict], arms: list[str], path: Path) -> Path:

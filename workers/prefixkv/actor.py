@@ -48,13 +48,14 @@ class PrefixKVWorker:
         res = calibrate_batch(self.model, tokens.to(self.device), scores, n_sink, ratios, max_steps)
         return dict(zip(indices, res))
 
-    def nll(self, start: int, context, continuation, specs: Sequence[MethodSpec], **kw) -> tuple[int, dict]:
-        out = eval_nll(self.model, context.to(self.device), continuation.to(self.device), specs, **kw)
-        return start, out
+    def nll(self, context, continuation, specs: Sequence[MethodSpec], **kw) -> dict[str, list[float]]:
+        """context [B, C], continuation [B, M] -> {method key: per-example NLL}."""
+        return eval_nll(self.model, context.to(self.device), continuation.to(self.device), specs, **kw)
 
-    def retrieval(self, start: int, prompt, value, specs: Sequence[MethodSpec], **kw) -> tuple[int, dict]:
+    def retrieval(self, prompt, value, specs: Sequence[MethodSpec], **kw) -> dict[str, list[int]]:
+        """prompt [B, C], value [B, VALUE_LEN] -> {method key: per-example exact match}."""
         data = RetrievalEvalSet(prompt.to(self.device), value.to(self.device), seed=-1, split="heldout")
-        return start, eval_retrieval(self.model, data, specs, **kw)
+        return eval_retrieval(self.model, data, specs, **kw)
 
 
 PrefixKVActor = ray.remote(max_restarts=1, max_task_retries=1)(PrefixKVWorker)

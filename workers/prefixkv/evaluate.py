@@ -13,15 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
+from tuning.prefixkv.plan import SCHEDULES
+from workers.caches import scorers
 from workers.caches.scoring import ScoreConfig
 from workers.data.retrieval import RetrievalEvalSet
 from workers.eval import continuation_nll, retrieval_accuracy
-from workers.prefixkv.methods import Method
+from workers.prefixkv.methods import Method, method_label
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method at one ratio; `score` is the token score for prefixkv / uniform / pyramid."""
+    """A method at one ratio; `score` is the token score of a budget schedule (prefixkv / uniform / pyramid)."""
 
     name: str
     ratio: float
@@ -29,17 +31,16 @@ class MethodSpec:
 
     @property
     def key(self) -> str:
-        label = self.name if self.name in ("full", "recency", "random") else f"{self.name}-{self.score}"
-        return f"{label}@{self.ratio:g}"
+        return f"{method_label(self.name, self.score)}@{self.ratio:g}"
 
 
 def method_grid(ratios: Sequence[float], scores: Sequence[str]) -> list[MethodSpec]:
-    """full once; per ratio: prefixkv / uniform / pyramid for each score, recency, random."""
+    """full once; per ratio: every budget schedule with each score, then every position scorer (recency, random)."""
     specs = [MethodSpec("full", 1.0)]
     for r in ratios:
         for s in scores:
-            specs += [MethodSpec(n, r, s) for n in ("prefixkv", "uniform", "pyramid")]
-        specs += [MethodSpec("recency", r), MethodSpec("random", r)]
+            specs += [MethodSpec(n, r, s) for n in SCHEDULES]
+        specs += [MethodSpec(n, r) for n in scorers.names(attention=False)]
     return specs
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from workers.caches import scorers
 from workers.caches.scoring import ScoreConfig, received
 
 
@@ -20,7 +21,9 @@ class ImportanceCollector:
 
     def __init__(self, n_layers: int, score: ScoreConfig) -> None:
         if not score.uses_attention:
-            raise ValueError(f"importance needs an attention score mode ('sum' or 'window'), got {score.mode!r}")
+            raise ValueError(
+                f"importance needs an attention score mode, one of {scorers.names(attention=True)}, got {score.mode!r}"
+            )
         self.n_layers, self.score = n_layers, score
         self.per_layer: list[torch.Tensor | None] = [None] * n_layers
 

@@ -5,7 +5,6 @@ Shape legend: L layers, R keep ratios, P curve points.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import matplotlib
@@ -14,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from workers.eval import mean_se, paired_difference
+from workers.stats import markdown_table, mean_se, paired_difference
 
 
 def curves_figure(curves: np.ndarray, title: str):
@@ -55,25 +54,17 @@ def summarize(per_example: dict[str, list[float]], baseline_of) -> list[dict]:
     """
     rows = []
     for key, vals in per_example.items():
-        m, se = mean_se([float(v) for v in vals])
+        m, se = mean_se(vals)
         row = {"key": key, "mean": m, "se": se, "n": len(vals)}
         base = baseline_of(key)
         if base is not None and base in per_example:
-            d, dse = paired_difference([float(v) for v in vals], [float(v) for v in per_example[base]])
+            d, dse = paired_difference(vals, per_example[base])
             row.update(baseline=base, diff=d, diff_se=dse)
         rows.append(row)
     return rows
 
 
-def markdown_table(rows: list[dict], value_name: str) -> str:
-    head = f"| method@ratio | {value_name} | SE | vs | paired diff | diff SE |\n| --- | --- | --- | --- | --- | --- |\n"
-
-    def f(x):
-        return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-    lines = [
-        f"| {r['key']} | {f(r['mean'])} | {f(r['se'])} | {r.get('baseline', '')} | {f(r.get('diff'))} | "
-        f"{f(r.get('diff_se'))} |"
-        for r in rows
-    ]
-    return head + "\n".join(lines) + "\n"
+def results_table(rows: list[dict], value_name: str) -> str:
+    """The rows of `summarize` as a markdown table (value_name: what `mean` measures)."""
+    header = ("method@ratio", value_name, "SE", "vs", "paired diff", "diff SE")
+    return markdown_table(rows, ("key", "mean", "se", "baseline", "diff", "diff_se"), header=header, number=".4f")

@@ -18,7 +18,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DB = REPO_ROOT / "mlruns.db"
 DEFAULT_ARTIFACTS = REPO_ROOT / "artifacts" / "mlflow"
 
@@ -37,6 +37,12 @@ def tracking_uri() -> str:
             )
         return uri
     return f"sqlite:///{DEFAULT_DB}"
+
+
+def download(uri: str) -> Path:
+    """A local copy of an MLflow artifact (``runs:/<id>/<path>``, ``mlflow-artifacts:...``) from this store."""
+    mlflow.set_tracking_uri(tracking_uri())
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
 
 
 def _artifact_location(uri: str) -> Path | None:

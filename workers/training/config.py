@@ -9,6 +9,7 @@ from typing import Any
 from workers.data.retrieval import RetrievalConfig
 from workers.model.config import ConfigError, ModelConfig
 from workers.model.presets import get_preset
+from workers.training.schedule import LRSchedule, Objective
 
 TASKS = ("text", "retrieval")
 FILLERS = ("blank", "text")
@@ -119,10 +120,7 @@ class TrainConfig:
             "seq_len",
             f"must be in [2, max_seq_len={self.model.max_seq_len}]",
         )
-        check(self.lr > 0, "lr", "must be > 0")
-        check(0 <= self.min_lr_frac <= 1, "min_lr_frac", "must be in [0, 1]")
-        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        check(self.dense_warmup_steps >= 0, "dense_warmup_steps", "must be >= 0")
+        self.schedule, self.objective  # noqa: B018 - constructing them checks lr, warm-ups and min_lr_frac
         check(self.grad_clip > 0, "grad_clip", "must be > 0")
         check(self.num_workers >= 1, "num_workers", "must be >= 1")
         check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
@@ -171,6 +169,23 @@ class TrainConfig:
     @property
     def uses_indexer(self) -> bool:
         return self.model.indexer is not None
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Experts sharded over ranks or dense parameters under ZeRO: trained with ``MoEOptimizer``."""
+        return self.model.moe is not None and (self.ep_size > 1 or self.zero_stage > 0)
+
+    @property
+    def schedule(self) -> LRSchedule:
+        return LRSchedule(lr=self.lr, steps=self.steps, warmup_steps=self.warmup_steps, min_lr_frac=self.min_lr_frac)
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(
+            indexer=self.uses_indexer,
+            dense_warmup_steps=self.dense_warmup_steps,
+            indexer_loss_weight=self.indexer_loss_weight,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,17 +10,17 @@ import torch
 from workers.caches.protocol import DynamicCache
 from workers.data.corpus import Corpus
 from workers.data.retrieval import eval_set
-from workers.eval import heldout_nll, paired_difference, retrieval_accuracy, unigram_bpb
+from workers.eval import heldout_nll, retrieval_accuracy, unigram_bpb
 from workers.model import checkpoint
 from workers.model.transformer import CalibLM
+from workers.stats import paired_difference
 from workers.training.config import TrainConfig
-from workers.training.loop import STATE_FILE
+from workers.training.train_state import load_model_state
 
 
 def load_trained(tc: TrainConfig, ckpt_dir: Path) -> CalibLM:
     model = CalibLM(tc.model)
-    state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(load_model_state(ckpt_dir))
     return model.eval()
 
 

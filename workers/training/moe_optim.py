@@ -19,17 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from workers.model.moe.expert_parallel import EPGroups, is_expert_param, sync_gradients
-
-
-def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
-    """No weight decay on norms (1-D tensors)."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [
-        g
-        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-        if g["params"]
-    ]
+from workers.training.optim import BETAS, param_groups
 
 
 def _deepspeed_engine(model: nn.Module, optimizer, groups: EPGroups, *, stage: int, micro_batch: int, grad_clip: float):
@@ -60,7 +50,7 @@ def _deepspeed_engine(model: nn.Module, optimizer, groups: EPGroups, *, stage: i
 
 
 class MoEOptimizer:
-    """One object for forward / backward / step over dense and expert parameters."""
+    """One object for forward / backward / step over dense and expert parameters (an ``Optimizer``)."""
 
     def __init__(
         self,
@@ -68,7 +58,7 @@ class MoEOptimizer:
         groups: EPGroups,
         *,
         lr: float,
-        betas: tuple[float, float] = (0.9, 0.95),
+        betas: tuple[float, float] = BETAS,
         eps: float = 1e-8,
         weight_decay: float = 0.1,
         zero_stage: int = 0,
@@ -83,13 +73,13 @@ class MoEOptimizer:
         kw = {"lr": lr, "betas": betas, "eps": eps}
         self.engine = None
         if zero_stage == 0:
-            self.dense_opt = torch.optim.AdamW(_param_groups(self.dense, weight_decay), **kw)
+            self.dense_opt = torch.optim.AdamW(param_groups(self.dense, weight_decay), **kw)
         else:
-            base = torch.optim.AdamW(_param_groups(self.dense, weight_decay), **kw)
+            base = torch.optim.AdamW(param_groups(self.dense, weight_decay), **kw)
             self.engine, self.dense_opt = _deepspeed_engine(
                 model, base, groups, stage=zero_stage, micro_batch=micro_batch, grad_clip=grad_clip
             )
-        self.expert_opt = torch.optim.AdamW(_param_groups(self.experts, weight_decay), **kw) if self.experts else None
+        self.expert_opt = torch.optim.AdamW(param_groups(self.experts, weight_decay), **kw) if self.experts else None
 
     @property
     def optimizers(self) -> list:

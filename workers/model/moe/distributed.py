@@ -1,4 +1,4 @@
-"""Model-level expert-parallel helpers: shard a CalibLM's experts, gather/scatter full state,
+"""Model-level expert-parallel helpers: shard a CalibLM's experts, gather the full state,
 close an optimizer step for every router.
 
 A sharded model holds E / ep_size experts per MoE layer; its checkpoints are always written
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from workers.model.moe.expert_parallel import EPGroups
-from workers.model.moe.ffn import EXPERT_WEIGHTS, MoEFFN
+from workers.model.moe.ffn import MoEFFN
 from workers.model.moe.router import Router
 
 
@@ -42,19 +42,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for w, full in layer.full_expert_state().items():
             state[f"{name}.{w}"] = full.clone()
     return state
-
-
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load an unsharded state_dict into a (possibly) sharded model: each rank keeps its block."""
-    state = dict(state)
-    for name, layer in moe_layers(model):
-        el = layer.w_gate.shape[0]
-        lo = (layer.ep.ep_rank * el) if layer.ep_size > 1 else 0
-        for w in EXPERT_WEIGHTS:
-            key = f"{name}.{w}"
-            if key in state:
-                state[key] = state[key][lo : lo + el]
-    model.load_state_dict(state)
 
 
 def balancing_step(model: nn.Module, groups: EPGroups | None = None) -> list[torch.Tensor]:
