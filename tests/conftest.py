@@ -88,6 +88,14 @@ def tiny_dense_checkpoint(tiny_dense_trained, session_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder: converted once from the packaged GGUF, then cached."""
+    from workers.model.hf.shipped import shipped_dir
+
+    return shipped_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """make(name, **sizes) -> directory of a seeded, randomly initialised byte-vocabulary
     LlamaForCausalLM (4 heads, 2 KV heads), saved with save_pretrained."""

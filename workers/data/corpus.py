@@ -1,10 +1,18 @@
-"""Corpora and their deterministic train / calibration / held-out split.
+"""Corpora, their deterministic train / calibration / held-out split, and their tokens.
 
-The default corpus is the English text of Python's ``pydoc_data.topics`` (about 465 KB on
-every machine). Documents (topics, lines of JSONL, rows of Parquet, blank-line-separated
-paragraphs of text files) are shuffled with a seeded RNG and assigned to splits by bytes,
-so the splits are disjoint at the document level. The text differs between Python patch
-releases, so every run logs the corpus SHA-256.
+Built-in corpora ship with every Python (nothing to download):
+- "pydoc" (default): the English text of ``pydoc_data.topics``, about 465 KB;
+- "stdlib": the interpreter's own top-level ``Lib/*.py`` sources, one document per file, about
+  4.7 MB: enough held-out text to evaluate a real BPE model (pydoc holds ~10K such tokens).
+Documents (topics, files, lines of JSONL, rows of Parquet, blank-line-separated paragraphs of
+text files) are shuffled with a seeded RNG and assigned to splits by bytes, so the splits are
+disjoint at the document level. The split is TEXT; a model's tokenizer turns it into ids
+(``Corpus.tokens(split, tokenizer)``), so windows are counted in the model's tokens. Without a
+tokenizer (or with the byte tokenizer) ids are the UTF-8 bytes, exactly as before tokenizers
+existed. The text differs between Python patch releases, so every run logs the corpus SHA-256
+with its split (``Corpus.summary``).
+
+Shape legend: T tokens of a split, N windows, L window length.
 """
 
 from __future__ import annotations
@@ -12,10 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+import sysconfig
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from workers.data.tokenizer import ByteTokenizer, Tokenizer
 
 SPLITS = ("train", "calib", "heldout")
 
@@ -26,6 +37,11 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class SplitConfig:
+    """Fractions of the corpus bytes held out and kept for calibration; the rest is train.
+
+    A corpus no model is trained on (a real model evaluated here) may be mostly held-out.
+    """
+
     calib_frac: float = 0.1
     heldout_frac: float = 0.1
     seed: int = 0
@@ -33,8 +49,18 @@ class SplitConfig:
     def __post_init__(self) -> None:
         for name in ("calib_frac", "heldout_frac"):
             v = getattr(self, name)
-            if not 0 < v < 0.5:
-                raise CorpusError(f"{name}={v!r}: must be in (0, 0.5)")
+            if not 0 < v < 1:
+                raise CorpusError(f"{name}={v!r}: must be in (0, 1)")
+        if self.calib_frac + self.heldout_frac >= 1:
+            raise CorpusError(
+                f"calib_frac={self.calib_frac!r} + heldout_frac={self.heldout_frac!r}: must sum to < 1 "
+                "(the train split may not be empty)"
+            )
+
+
+def is_bytes(tokenizer: Tokenizer | None) -> bool:
+    """True when ids are the UTF-8 bytes themselves (no tokenizer, or the byte tokenizer)."""
+    return tokenizer is None or isinstance(tokenizer, ByteTokenizer)
 
 
 @dataclass
@@ -44,44 +70,93 @@ class Corpus:
     train: bytes
     calib: bytes
     heldout: bytes
+    split_config: SplitConfig = field(default_factory=SplitConfig)
+    # (split, id(tokenizer)) -> (tokenizer, ids [T]): a split is tokenized once per tokenizer
+    _tokens: dict = field(default_factory=dict, repr=False, compare=False)
 
     def split(self, name: str) -> bytes:
         if name not in SPLITS:
             raise CorpusError(f"split={name!r}: one of {SPLITS}")
         return getattr(self, name)
 
-    def tokens(self, name: str) -> torch.Tensor:
-        """Split as byte ids [n] int64."""
-        return torch.frombuffer(bytearray(self.split(name)), dtype=torch.uint8).long()
+    def text(self, name: str) -> str:
+        return self.split(name).decode("utf-8")
 
-    def eval_windows(self, name: str, length: int, max_windows: int | None = None) -> torch.Tensor:
-        """Consecutive non-overlapping windows of a split, [n, length] (deterministic)."""
-        t = self.tokens(name)
+    def tokens(self, name: str, tokenizer: Tokenizer | None = None) -> torch.Tensor:
+        """A split's ids [T] int64: UTF-8 bytes (no tokenizer / the byte tokenizer) or the tokenizer's ids
+        of the split's text (encoded as one text, so no window boundary is baked into the ids)."""
+        if is_bytes(tokenizer):
+            return torch.frombuffer(bytearray(self.split(name)), dtype=torch.uint8).long()
+        key = (name, id(tokenizer))
+        if key not in self._tokens:
+            self._tokens[key] = (tokenizer, torch.tensor(tokenizer.encode(self.text(name)), dtype=torch.long))
+        return self._tokens[key][1]
+
+    def eval_windows(
+        self, name: str, length: int, max_windows: int | None = None, tokenizer: Tokenizer | None = None
+    ) -> torch.Tensor:
+        """Consecutive non-overlapping windows of a split, [N, length] (deterministic)."""
+        t = self.tokens(name, tokenizer)
         n = t.numel() // length
         if n == 0:
-            raise CorpusError(f"split {name!r} has {t.numel()} bytes, fewer than length={length}")
+            raise CorpusError(f"split {name!r} has {t.numel()} tokens, fewer than length={length}")
         if max_windows is not None:
             n = min(n, max_windows)
         return t[: n * length].view(n, length)
 
-    def sample_windows(self, name: str, length: int, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Random windows [n, length] from a split."""
-        t = self.tokens(name)
-        starts = torch.randint(0, t.numel() - length, (n,), generator=generator)
-        return torch.stack([t[s : s + length] for s in starts.tolist()])
+    def sample_windows(
+        self, name: str, length: int, n: int, generator: torch.Generator, tokenizer: Tokenizer | None = None
+    ) -> torch.Tensor:
+        """n windows [N, length] from a split, drawn with ``generator``: see ``draw_windows``."""
+        return draw_windows(self.tokens(name, tokenizer), length, n, generator, disjoint=not is_bytes(tokenizer))
 
     def summary(self) -> dict[str, object]:
+        sc = self.split_config
         return {
             "corpus": self.name,
             "corpus_sha256": self.sha256,
+            "corpus_split": f"calib={sc.calib_frac:g},heldout={sc.heldout_frac:g},seed={sc.seed}",
             **{f"corpus_{s}_bytes": len(self.split(s)) for s in SPLITS},
         }
+
+
+def draw_windows(t: torch.Tensor, length: int, n: int, generator: torch.Generator, disjoint: bool) -> torch.Tensor:
+    """n windows [N, length] of ids t [T].
+
+    ``disjoint``: n distinct slots of the consecutive non-overlapping windows, in drawn order, so no
+    token is scored twice (a split too short for n windows is refused by name). Byte ids keep the
+    overlapping draw from random starts they always had: results recorded on the project's byte
+    models then reproduce exactly.
+    """
+    if disjoint:
+        slots = t.numel() // length
+        if slots < n:
+            raise CorpusError(f"{t.numel()} tokens hold {slots} disjoint windows of length={length}, fewer than n={n}")
+        pick = torch.randperm(slots, generator=generator)[:n] * length
+        return torch.stack([t[s : s + length] for s in pick.tolist()])
+    if t.numel() <= length:
+        raise CorpusError(f"{t.numel()} tokens: not more than length={length}")
+    starts = torch.randint(0, t.numel() - length, (n,), generator=generator)
+    return torch.stack([t[s : s + length] for s in starts.tolist()])
 
 
 def _default_documents() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[k] for k in sorted(topics)]  # sorted: dict order must not matter
+
+
+def _stdlib_documents() -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p.read_text(encoding="utf-8") for p in sorted(root.glob("*.py"))]  # sorted: listing order must not matter
+
+
+# name -> (documents, display name, default split). The stdlib sources train nothing here, so their
+# default split is mostly held-out: text a real model is evaluated on.
+BUILTIN = {
+    "pydoc": (_default_documents, "pydoc_data.topics", SplitConfig()),
+    "stdlib": (_stdlib_documents, "stdlib", SplitConfig(calib_frac=0.2, heldout_frac=0.7)),
+}
 
 
 def _file_documents(path: Path) -> list[str]:
@@ -133,9 +208,15 @@ def _dedupe_paragraphs(docs: list[str]) -> list[str]:
 
 
 def load_corpus(source: str = "pydoc", split: SplitConfig | None = None) -> Corpus:
-    """Load and split a corpus. ``source``: "pydoc" (default) or a path to .txt/.jsonl/.parquet."""
-    split = split or SplitConfig()
-    docs = _default_documents() if source == "pydoc" else _file_documents(Path(source))
+    """Load and split a corpus. ``source``: a built-in name ("pydoc" default, "stdlib") or a path to
+    .txt/.jsonl/.parquet; ``split`` defaults to the built-in corpus's own (0.1 / 0.1 for files)."""
+    if source in BUILTIN:
+        documents, name, default_split = BUILTIN[source]
+        docs = documents()
+    else:
+        name, default_split = str(source), SplitConfig()
+        docs = _file_documents(Path(source))
+    split = split or default_split
     if not docs:
         raise CorpusError(f"corpus={source!r}: no documents")
     docs = _dedupe_paragraphs(docs)
@@ -159,5 +240,4 @@ def load_corpus(source: str = "pydoc", split: SplitConfig | None = None) -> Corp
     for s, v in joined.items():
         if not v:
             raise CorpusError(f"corpus={source!r}: split {s!r} is empty; the corpus is too small")
-    name = "pydoc_data.topics" if source == "pydoc" else str(source)
-    return Corpus(name, hashlib.sha256(full).hexdigest(), joined["train"], joined["calib"], joined["heldout"])
+    return Corpus(name, hashlib.sha256(full).hexdigest(), joined["train"], joined["calib"], joined["heldout"], split)

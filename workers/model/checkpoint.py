@@ -31,34 +31,48 @@ def save(model: CalibLM, directory: str | Path, meta: dict | None = None) -> Pat
     return d
 
 
+def locate(address: str | Path) -> Path:
+    """``runs:/<id>/<path>`` (downloaded from MLflow) or a local path -> local path; nothing is checked."""
+    address = str(address)
+    if address.startswith(("runs:/", "models:/")):
+        from workers.runtime.tracking import download
+
+        try:
+            return download(address)
+        except Exception as e:  # mlflow raises several types for a missing run or artifact
+            raise CheckpointError(f"model={address!r}: cannot download from MLflow ({e})") from e
+    return Path(address).expanduser()
+
+
 def resolve(address: str | Path) -> Path:
     """``runs:/<id>/model`` or a directory -> local directory holding the checkpoint."""
     address = str(address)
     if address.startswith("hf:"):
         raise CheckpointError(f"model={address!r}: hf: models load through workers.model.hf.address, not CalibLM")
-    if address.startswith(("runs:/", "models:/")):
-        from workers.runtime.tracking import download
-
-        try:
-            path = download(address)
-        except Exception as e:  # mlflow raises several types for a missing run or artifact
-            raise CheckpointError(f"model={address!r}: cannot download from MLflow ({e})") from e
-    else:
-        path = Path(address).expanduser()
+    path = locate(address)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"model={address!r}: missing {name} in {path}")
     return path
 
 
+def _config(address: str | Path, path: Path) -> ModelConfig:
+    d = json.loads((path / CONFIG_FILE).read_text())
+    if "model_type" in d:  # every transformers config has one, a CalibLM config never does
+        raise CheckpointError(
+            f"model={str(address)!r}: a Hugging Face checkpoint, not a CalibLM; load it with "
+            "workers.model.hf.address.load_any"
+        )
+    return ModelConfig.from_dict(d)
+
+
 def load_config(address: str | Path) -> ModelConfig:
-    return ModelConfig.from_dict(json.loads((resolve(address) / CONFIG_FILE).read_text()))
+    return _config(address, resolve(address))
 
 
 def load(address: str | Path, device: str | torch.device = "cpu") -> CalibLM:
     """Load a CalibLM in eval mode from an address (see module docstring)."""
     path = resolve(address)
-    cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    model = CalibLM(cfg)
+    model = CalibLM(_config(address, path))
     load_model(model, str(path / WEIGHTS_FILE), device=str(device))
     return model.to(device).eval()

@@ -1,68 +1,158 @@
-"""Hugging Face causal LMs (`hf:<local path>`) behind the same forward/cache API as `CalibLM`.
+"""Model addresses -> (model, tokenizer): CalibLM checkpoints and Hugging Face causal LMs behind one API.
 
-    model = load_hf("hf:/path/to/llama")            # Llama, Qwen2, Mistral families
+    model = load_any("smollm2-135m")                 # or hf:<dir>, runs:/<id>/hf_model, runs:/<id>/model
+    tok = load_tokenizer("smollm2-135m")             # cheap: configs and tokenizer files, no weights
     out = model(tokens, positions=pos, cache=cache)   # cache: any workers.caches.protocol protocol
 
-Shape legend: B batch, T new tokens, S attended keys, H query heads, Hkv key/value heads, Dh head dim.
+The forms (ADDRESS_HELP): `runs:/<id>/model` or a checkpoint directory (CalibLM, byte tokenizer);
+`hf:<dir>` or `runs:/<id>/hf_model` (any supported transformers causal LM with its own tokenizer);
+a shipped name (`workers.model.hf.shipped`). What a directory holds is read from its config.json:
+transformers configs carry a `model_type`, CalibLM configs never do.
 
-How it plugs in, through transformers' own interfaces (no model code is copied):
-1. `BridgeCache` is a `transformers.Cache` whose layers forward `update(k, v)` to our cache
-   protocol (`update(layer, k [B,T,Hkv,Dh], v, pos [B,T]) -> KVView`); the model therefore
-   attends to exactly what our cache returns (quantized, evicted, ...).
-2. The model runs with `attn_implementation="calibray"`, an attention function registered
-   with `AttentionInterface` that masks by true positions (key pos > query pos, or empty
-   slot pos < 0) instead of by index, so caches that drop tokens stay causal, and that calls
-   the optional `observer(layer, q, k, q_pos, k_pos)` hook like `CalibLM` does.
+HF models run through `workers.model.hf.bridge.HFCausalLM` (our caches and observers plug into
+transformers' own Cache and AttentionInterface; no model code is copied).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from workers.model.hf import ATTN_IMPL, SUPPORTED_TYPES, HFModelError
+from workers.data.tokenizer import VOCAB_SIZE, ByteTokenizer, HFTokenizer, Tokenizer
+from workers.model.hf import ATTN_IMPL, HFModelError, check_model_type
+from workers.model.hf.shipped import SHIPPED, is_shipped, shipped_dir
+
+ADDRESS_HELP = (
+    "runs:/<run_id>/model or a checkpoint directory (CalibLM), hf:<dir> or runs:/<run_id>/hf_model "
+    f"(Hugging Face checkpoint), or a shipped model ({', '.join(SHIPPED)})"
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# a checkpoint has its own tokenizer when transformers finds one of these beside config.json
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def is_hf_address(address: str | Path) -> bool:
     return str(address).startswith("hf:")
 
 
-def load_hf(address: str | Path, device: str | torch.device = "cpu", dtype=torch.float32) -> nn.Module:
-    """`hf:<dir>` (or a plain directory with an HF config.json) -> HFCausalLM in eval mode."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """None -> fp32 on CPU, bf16 on GPU; "fp32" | "bf16" | "fp16" or a torch.dtype -> torch.dtype."""
+    if dtype is None:
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {tuple(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def local_dir(address: str | Path) -> Path:
+    """The local directory an address names: an MLflow artifact is downloaded, a shipped model converted once."""
+    from workers.model.checkpoint import locate
+
+    a = str(address)
+    if is_shipped(a):
+        return shipped_dir(a)
+    return Path(a[3:]).expanduser() if is_hf_address(a) else locate(a)
+
+
+def config_file(address: str | Path) -> Path:
+    """config.json of any address, fetching nothing else (an MLflow artifact's weights stay remote)."""
+    from workers.model.checkpoint import CheckpointError, locate
+
+    a = str(address)
+    path = (
+        locate(a.rstrip("/") + "/config.json") if a.startswith(("runs:/", "models:/")) else local_dir(a) / "config.json"
+    )
+    if not path.is_file():
+        raise (HFModelError if is_hf_address(a) else CheckpointError)(
+            f"model={a!r}: missing config.json in {path.parent}"
+        )
+    return path
+
+
+def read_config(address: str | Path) -> dict:
+    return json.loads(config_file(address).read_text())
+
+
+def is_hf_config(config: dict) -> bool:
+    return "model_type" in config
+
+
+def _vocab_size(config: dict) -> int:
+    return int(config.get("vocab_size") or config.get("text_config", {})["vocab_size"])
+
+
+def load_tokenizer(address: str | Path) -> Tokenizer:
+    """The tokenizer the model at `address` was trained with; refuses a model it cannot tokenize for.
+
+    CalibLM checkpoints -> ByteTokenizer. HF checkpoints -> their own tokenizer files (HFTokenizer);
+    one without tokenizer files falls back to the byte tokenizer only if its vocabulary is the 256
+    bytes (the project's exports from before tokenizer files were written); any other vocabulary is
+    an HFModelError naming the address and the size, raised before any model is loaded.
+    """
+    a = str(address)
+    config = read_config(a)
+    vocab = _vocab_size(config)
+    path = local_dir(a) if is_hf_config(config) else None
+    if path is not None and any((path / f).is_file() for f in TOKENIZER_FILES):
+        tok = HFTokenizer(path, name=a)
+        if tok.vocab_size > vocab:
+            raise HFModelError(f"model={a!r}: tokenizer has {tok.vocab_size} ids, the model's vocabulary {vocab}")
+        return tok
+    if vocab != VOCAB_SIZE:
+        raise HFModelError(
+            f"model={a!r}: no tokenizer files and a vocabulary of {vocab} tokens; only a {VOCAB_SIZE}-token "
+            "vocabulary defaults to the byte tokenizer"
+        )
+    return ByteTokenizer()
+
+
+def load_hf(
+    address: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+) -> nn.Module:
+    """`hf:<dir>`, `runs:/<id>/hf_model`, a shipped name or an HF directory -> HFCausalLM in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from workers.model.hf.bridge import HFCausalLM
 
-    path = Path(str(address)[3:] if is_hf_address(address) else str(address)).expanduser()
+    a = str(address)
+    path = local_dir(a)
     if not (path / "config.json").is_file():
-        raise HFModelError(f"model={str(address)!r}: no config.json in {path}")
+        raise HFModelError(f"model={a!r}: missing config.json in {path}")
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    if cfg.model_type not in SUPPORTED_TYPES:
-        raise HFModelError(f"model={str(address)!r}: model_type {cfg.model_type!r} not in {SUPPORTED_TYPES}")
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTN_IMPL, local_files_only=True)
+    check_model_type(cfg, a)
+    hf = AutoModelForCausalLM.from_pretrained(
+        path, dtype=resolve_dtype(dtype, device), attn_implementation=ATTN_IMPL, local_files_only=True
+    )
     return HFCausalLM(hf.to(device))
 
 
-def load_any(address: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """`hf:<dir>` -> HFCausalLM; `runs:/<id>/model` or a checkpoint directory -> CalibLM."""
-    if is_hf_address(address):
-        return load_hf(address, device)
+def load_any(
+    address: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+) -> nn.Module:
+    """Any address (ADDRESS_HELP) -> HFCausalLM or CalibLM in eval mode.
+
+    dtype None: HF models fp32 on CPU, bf16 on GPU; CalibLMs stay in the fp32 they were trained in
+    unless a dtype is given."""
+    if is_hf_address(address) or is_shipped(str(address)) or is_hf_config(read_config(address)):
+        return load_hf(address, device, dtype)
     from workers.model.checkpoint import load
 
-    return load(address, device)
+    model = load(address, device)
+    return model if dtype is None else model.to(resolve_dtype(dtype, device))
 
 
 def model_shape(address: str) -> tuple[int, int, int]:
     """(n_layers, head_dim, n_kv_heads) read from the model's config only; clear error if missing."""
-    if is_hf_address(address):
+    path = config_file(address)
+    if is_hf_config(json.loads(path.read_text())):
         from transformers import AutoConfig
 
-        path = Path(str(address)[3:]).expanduser()
-        if not (path / "config.json").is_file():
-            raise HFModelError(f"model={address!r}: no config.json in {path}")
-        c = AutoConfig.from_pretrained(path, local_files_only=True)
+        c = AutoConfig.from_pretrained(path.parent, local_files_only=True)
         hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return c.num_hidden_layers, hd, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     from workers.model.checkpoint import load_config

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from workers.model.hf import ATTN_IMPL, SUPPORTED_TYPES, HFModelError
+from workers.model.hf import ATTN_IMPL, check_model_type
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("calibray_hf_bridge", default=None)
 
@@ -31,7 +31,6 @@ class HFConfigView:
     vocab_size: int
     max_seq_len: int
     model_type: str
-    sliding_window: int | None = None
     indexer: None = None
 
 
@@ -43,8 +42,15 @@ class HFOutput:
     stats: dict
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [B,H,T,Dh], key/value [B,Hkv,S,Dh] -> ([B,T,H,Dh], None), masked by true positions."""
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+    """query [B,H,T,Dh], key/value [B,Hkv,S,Dh] -> ([B,T,H,Dh], None), masked by true positions.
+
+    `sliding_window` comes from the calling layer (None on full-attention layers), so models that
+    mix window and full layers (qwen2/qwen3 `max_window_layers`, smollm3 `layer_types`) get each
+    layer's own rule. A key is visible within the window when q_pos - k_pos < sliding_window, as
+    in transformers' masks. `attention_mask` is None: no mask function is registered for
+    ATTN_IMPL, so transformers builds none and causality comes from the positions alone.
+    """
     bridge = _ACTIVE.get()
     if bridge is None:
         raise RuntimeError("calibray attention called outside HFCausalLM.forward")
@@ -54,8 +60,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if bridge.observer is not None:
         bridge.observer(layer, query.transpose(1, 2), key.transpose(1, 2), q_pos, k_pos)
     allowed = (k_pos[:, None, None, :] <= q_pos[:, None, :, None]) & (k_pos[:, None, None, :] >= 0)
-    if bridge.sliding_window:
-        allowed &= k_pos[:, None, None, :] > q_pos[:, None, :, None] - bridge.sliding_window
+    if sliding_window:
+        allowed &= k_pos[:, None, None, :] > q_pos[:, None, :, None] - sliding_window
     out = F.scaled_dot_product_attention(
         query, key.to(query.dtype), value.to(query.dtype), attn_mask=allowed, scale=scaling, enable_gqa=True
     )
@@ -98,27 +104,26 @@ class BridgeLayer(CacheLayerMixin):
 class BridgeCache(Cache):
     """transformers `Cache` forwarding every layer update to a calibray cache-protocol object."""
 
-    def __init__(self, proto, n_layers: int, q_pos: torch.Tensor, observer=None, sliding_window=None):
+    def __init__(self, proto, n_layers: int, q_pos: torch.Tensor, observer=None):
         self.proto, self.q_pos, self.observer = proto, q_pos, observer
-        self.sliding_window = sliding_window
         self.k_pos: list[torch.Tensor | None] = [None] * n_layers
         super().__init__(layers=[BridgeLayer(self, i) for i in range(n_layers)])
 
 
 class HFCausalLM(nn.Module):
-    """A transformers causal LM with `CalibLM`'s `forward(tokens, *, positions, cache, observer)`."""
+    """A transformers causal LM with `CalibLM`'s `forward(tokens, *, positions, cache, observer)`.
+
+    What the family computes before its attention call (q/k norms, RoPE or none on NoPE layers,
+    MoE routing) stays the model's own code; the cache stores keys exactly as the model hands them.
+    """
 
     def __init__(self, hf_model: nn.Module) -> None:
         super().__init__()
         c = hf_model.config
-        if c.model_type not in SUPPORTED_TYPES:
-            raise HFModelError(f"model_type {c.model_type!r} is not supported; use one of {SUPPORTED_TYPES}")
+        check_model_type(c)
         self.hf = hf_model.eval()
         self.hf.config._attn_implementation = ATTN_IMPL
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        window = getattr(c, "sliding_window", None)
-        if c.model_type == "qwen2" and not getattr(c, "use_sliding_window", False):
-            window = None
         self.cfg = HFConfigView(
             n_layers=c.num_hidden_layers,
             n_heads=c.num_attention_heads,
@@ -127,7 +132,6 @@ class HFCausalLM(nn.Module):
             vocab_size=c.vocab_size,
             max_seq_len=getattr(c, "max_position_embeddings", 4096),
             model_type=c.model_type,
-            sliding_window=window,
         )
 
     def forward(self, tokens: torch.Tensor, *, positions=None, cache=None, observer=None, **unused) -> HFOutput:
@@ -139,7 +143,7 @@ class HFCausalLM(nn.Module):
             start = 0 if cache is None else cache.length(0)
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         proto = cache if cache is not None else DynamicCache(self.cfg.n_layers)
-        bridge = BridgeCache(proto, self.cfg.n_layers, positions, observer, self.cfg.sliding_window)
+        bridge = BridgeCache(proto, self.cfg.n_layers, positions, observer)
         token = _ACTIVE.set(bridge)
         try:
             out = self.hf(input_ids=tokens, position_ids=positions, cache=bridge, use_cache=True)

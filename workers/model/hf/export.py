@@ -2,7 +2,8 @@
 
 The layouts already match (rotate-half RoPE, RMSNorm with fp32 statistics, SwiGLU,
 bias-free projections), so export is a rename of the state dict; the exported model gives
-the same logits and can be used by transformers, kvpress or vLLM.
+the same logits. The byte tokenizer is written beside it as Hugging Face tokenizer files, so the
+export is a normal checkpoint that transformers, kvpress or vLLM load with its tokenizer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from workers.data.tokenizer import ByteTokenizer
 from workers.model.config import ConfigError
 from workers.model.transformer import CalibLM
 
@@ -59,7 +61,7 @@ def llama_state_dict(model: CalibLM) -> dict[str, torch.Tensor]:
 
 
 def export_llama(model: CalibLM, directory: str | Path) -> Path:
-    """Write a ``LlamaForCausalLM`` checkpoint loadable with ``from_pretrained(directory)``."""
+    """Write a ``LlamaForCausalLM`` checkpoint and its tokenizer, loadable with ``from_pretrained(directory)``."""
     from transformers import LlamaForCausalLM
 
     d = Path(directory)
@@ -70,4 +72,5 @@ def export_llama(model: CalibLM, directory: str | Path) -> Path:
     if bad:
         raise RuntimeError(f"export: state dict mismatch {bad}")
     hf.save_pretrained(d)
+    ByteTokenizer().save_pretrained(d)
     return d
