@@ -30,6 +30,7 @@ from kernels.decode_attention import decode_attention, decode_attention_dense
 from workers.caches.precision import KVQuantConfig
 from workers.caches.protocol import DynamicCache
 from workers.caches.quantized import PackedKVCache, make_cache
+from workers.eval import token_nll
 from workers.kvtuner import artifact as kv_precision
 
 
@@ -170,7 +171,7 @@ def vs_quantized_cache(model: str, searched: KVQuantConfig | None, n: int, lengt
         )
         hf(input_ids=ctx[:, :-1], cache=qc, use_cache=True)
         logits = hf(input_ids=torch.cat([ctx[:, -1:], y[:, :-1]], 1), cache=qc, use_cache=True).logits
-        nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(1)
+        nll = token_nll(logits, y).mean(1)
         qbytes = 0
         for layer in qc.layers:
             for t in (layer._quantized_keys, layer._quantized_values, layer.keys, layer.values):

@@ -50,10 +50,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from workers.data.corpus import load_corpus
 from workers.data.retrieval import KEY_LEN, VALUE_LEN, eval_set
+from workers.eval import token_nll
 from workers.stats import mean_se, paired_difference
 
 # Prompt bytes fed after the compressed prefill, per retrieval setting.
@@ -103,7 +103,7 @@ def kvpress_logits(hf, context, continuation, press):
 
 def kvpress_nll(hf, context, continuation, press):
     logits, kv_bytes = kvpress_logits(hf, context, continuation, press)
-    nll = F.cross_entropy(logits.transpose(1, 2), continuation, reduction="none").mean(1)
+    nll = token_nll(logits, continuation).mean(1)
     return nll.tolist(), kv_bytes
 
 
@@ -125,7 +125,7 @@ def calibray_logits(model, context, continuation, method):
 
 def calibray_nll(model, context, continuation, method):
     logits, kv_bytes = calibray_logits(model, context, continuation, method)
-    nll = F.cross_entropy(logits.transpose(1, 2), continuation, reduction="none").mean(1)
+    nll = token_nll(logits, continuation).mean(1)
     return nll.tolist(), kv_bytes
 
 
@@ -153,7 +153,7 @@ def retrieval_row(logits, value, kv_bytes) -> dict:
     """logits [N, M, V] whose last 3 positions predict value [N, 3] -> hits, value NLL, KV bytes."""
     lg = logits[:, -VALUE_LEN:]
     hits = (lg.argmax(-1) == value).all(1).long().tolist()
-    nll = F.cross_entropy(lg.transpose(1, 2), value, reduction="none").mean(1).tolist()
+    nll = token_nll(lg, value).mean(1).tolist()
     return {"hits": hits, "nll": nll, "kv_bytes": kv_bytes}
 
 

@@ -2,6 +2,7 @@
 
     python -m pipelines.kvtuner --model runs:/<run_id>/model --budget 4.0 3.25
     python -m pipelines.kvtuner --model hf:/path/to/llama --budget 4.0 --calib-n 16
+    python -m pipelines.kvtuner --model smollm2-135m --corpus stdlib --budget 4.0 3.0
     python -m pipelines.kvtuner --model <ckpt dir> --task retrieval --budget 3.0 --clusters 1
 
 Steps (spec/kvtuner.md): 1. sensitivity profile, one layer quantized at a time with each of
@@ -37,7 +38,7 @@ from tuning.kvtuner.space import (
 )
 from workers.kvtuner.actors import run_jobs, run_profile
 from workers.kvtuner.report import front_rows, plot_heatmap, plot_pareto, select_for_budget
-from workers.model.hf.address import model_shape
+from workers.model.hf.address import ADDRESS_HELP, DTYPES, dtype_name, load_tokenizer, model_shape
 from workers.runtime.pool import ActorPool
 from workers.stats import markdown_table, paired_difference
 
@@ -65,6 +66,7 @@ class KVTunerConfig:
     fidelity2: bool = True
     seed: int = 0
     corpus: str = "pydoc"
+    dtype: str | None = None  # None: fp32 (the search runs on CPU)
     actors: int = 2
     cpus_per_actor: float = 1.0
     work_dir: str | None = None
@@ -91,6 +93,7 @@ class KVTunerConfig:
             raise ValueError(f"continuation must be in (0, length={self.length}), got {self.continuation!r}")
         if self.cpus_per_actor <= 0:
             raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor!r}")
+        dtype_name(self.dtype)  # a bad name fails here, naming it
 
     def quant(self) -> dict:
         """Quantizer settings shared by every cache of the run (KVQuantConfig keyword arguments)."""
@@ -109,7 +112,7 @@ class KVTunerConfig:
 
 def parse_args(argv=None) -> KVTunerConfig:
     p = argparse.ArgumentParser(prog="python -m pipelines.kvtuner", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="runs:/<run_id>/model, a checkpoint directory, or hf:<dir>")
+    p.add_argument("--model", required=True, help=ADDRESS_HELP)
     p.add_argument("--budget", type=float, nargs="+", default=[4.0, 3.25], help="average bits budgets, each in [2, 8]")
     p.add_argument("--task", default="text", help="calibration/report task: text (continuation) or retrieval")
     p.add_argument("--mode", default="kivi", help="quantizer grouping: kivi or per_token")
@@ -126,7 +129,8 @@ def parse_args(argv=None) -> KVTunerConfig:
     p.add_argument("--report-n", type=int, default=256, help="held-out examples for the report")
     p.add_argument("--fidelity2", action=argparse.BooleanOptionalAction, default=True, help="second fidelity")
     p.add_argument("--seed", type=int, default=0, help="seed of data sampling and NSGA-II")
-    p.add_argument("--corpus", default="pydoc", help="corpus source (pydoc, .txt, .jsonl, .parquet)")
+    p.add_argument("--corpus", default="pydoc", help="corpus source (pydoc, stdlib, .txt, .jsonl, .parquet)")
+    p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="model dtype (default fp32 on CPU)")
     p.add_argument("--actors", type=int, default=2, help="profile/evaluation actors (and concurrent trials)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor and per Tune trial")
     p.add_argument("--work-dir", default=None, help="resumable state (default artifacts/kvtuner/<run name>)")
@@ -170,6 +174,7 @@ def main(argv=None) -> dict:
     cfg = parse_args(argv)
     n_layers, head_dim, n_kv_heads = model_shape(cfg.model)  # a missing model fails here, before any work
     cfg.check_model(n_layers)
+    tokenizer = load_tokenizer(cfg.model)  # one the model cannot use is refused here, before any work
     import mlflow
 
     from workers.data.corpus import load_corpus
@@ -180,14 +185,25 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     check_work_dir(cfg, work)  # before the data is built: a wrong work dir fails at once
     corpus = load_corpus(cfg.corpus)
-    calib = build_data(cfg.task, corpus, "calib", cfg.calib_n, cfg.seed + 1, cfg.length, cfg.continuation, (0, 2))
-    valid = build_data(cfg.task, corpus, "calib", cfg.valid_n, cfg.seed + 2, cfg.length, cfg.continuation, (1, 2))
-    report = build_data(cfg.task, corpus, "heldout", cfg.report_n, cfg.seed + 3, cfg.length, cfg.continuation)
+    data = lambda split, n, seed, part=(0, 1): build_data(
+        cfg.task, corpus, split, n, cfg.seed + seed, cfg.length, cfg.continuation, part, tokenizer
+    )
+    calib, valid = data("calib", cfg.calib_n, 1, (0, 2)), data("calib", cfg.valid_n, 2, (1, 2))
+    report = data("heldout", cfg.report_n, 3)
     run_file = work / "run_id"
     run_id = run_file.read_text().strip() if run_file.is_file() else None
     if run_id:
         tracking.mark_failed_if_running(run_id)
-    params = {**cfg.to_params(), "n_layers": n_layers, "head_dim": head_dim, "work_dir": str(work)}
+    params = {
+        **cfg.to_params(),
+        **corpus.summary(),
+        "n_layers": n_layers,
+        "head_dim": head_dim,
+        "work_dir": str(work),
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "model_dtype": dtype_name(cfg.dtype),
+    }
     tags = {"corpus_sha256": corpus.sha256, "task": cfg.task}
     with tracking.start_run(PIPELINE, run_name=cfg.run_name, params=params, tags=tags, run_id=run_id) as run:
         run_file.write_text(run.info.run_id)
@@ -215,7 +231,9 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
     metrics: dict[str, float] = {}
 
     datasets = {"calib": calib, "valid": valid, "report": report}
-    new_pool = lambda: ActorPool.of(KVWorker, (cfg.model, datasets, quant), cfg.actors, num_cpus=cfg.cpus_per_actor)
+    new_pool = lambda: ActorPool.of(
+        KVWorker, (cfg.model, datasets, quant, 32, cfg.dtype), cfg.actors, num_cpus=cfg.cpus_per_actor
+    )
 
     # 1. profile and the uniform baselines' calibration proxy (resumable), on one actor pool
     prof_file, base_file = work / "profile.json", work / "baselines_calib.json"
@@ -260,7 +278,9 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
         seed = spec.config_for(choice)
         if spec.bits(seed) <= spec.budget and seed not in seeds:
             seeds.append(seed)
-    trainable = tune.with_parameters(KVTrial, model_address=cfg.model, data=calib, quant=quant, spec=spec)
+    trainable = tune.with_parameters(
+        KVTrial, model_address=cfg.model, data=calib, quant=quant, spec=spec, dtype=cfg.dtype
+    )
     rows, stats = run_search(
         trainable,
         spec,

@@ -2,6 +2,7 @@
 
     python -m pipelines.prefixkv --model runs:/<run_id>/model --samples 32 --workers 2
     python -m pipelines.prefixkv --model hf:/path/to/llama --samples 32 --data text
+    python -m pipelines.prefixkv --model smollm2-135m --corpus stdlib --samples 16 --eval-samples 64
     python -m pipelines.prefixkv --model <retrieval ckpt> --data retrieval --samples 64 --eval-samples 200
     ray job submit --working-dir . -- python -m pipelines.prefixkv --model runs:/<id>/model --samples 64
 
@@ -33,8 +34,11 @@ import torch
 from tuning.prefixkv.search import RATIO_GRID, n_protected, validate_ratio
 from workers.caches import scorers
 from workers.caches.scoring import ScoreConfig
-from workers.data.corpus import load_corpus
-from workers.data.retrieval import VALUE_LEN, eval_set
+from workers.data.corpus import Corpus, load_corpus
+from workers.data.retrieval import eval_set, value_tokens
+from workers.data.tokenizer import Tokenizer
+from workers.eval import bits_per_byte, scored_bytes
+from workers.model.hf.address import ADDRESS_HELP, DTYPES, describe, dtype_name, load_tokenizer
 from workers.prefixkv import artifact
 from workers.prefixkv.actor import PrefixKVActor
 from workers.prefixkv.calibrate import reduce_samples
@@ -65,6 +69,7 @@ class RunConfig:
     bootstrap: int = 200
     seed: int = 0
     device: str = "cpu"
+    dtype: str | None = None  # None: fp32 on CPU, bf16 on GPU
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     experiment: str = "prefixkv"
@@ -97,6 +102,8 @@ class RunConfig:
                 raise ValueError(f"--eval-ratios: {e}") from None
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             bad("device", "cpu or cuda[:N]")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            bad("dtype", f"one of {', '.join(DTYPES)}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ValueError(
                 f"--cpus-per-worker must be > 0 and --gpus-per-worker >= 0, got {self.cpus_per_worker}, "
@@ -113,58 +120,49 @@ class RunConfig:
 
     def params(self) -> dict:
         d = dataclasses.asdict(self)
+        d["model_dtype"] = dtype_name(self.dtype, self.device)
         d["scores"] = ",".join(self.scores)
         d["eval_ratios"] = ",".join(f"{r:g}" for r in self.eval_ratios)
         d["ratio_grid"] = ",".join(f"{r:g}" for r in RATIO_GRID)
         return d
 
-    @property
-    def sequence_len(self) -> int:
-        return self.context + (self.continuation if self.data == "text" else VALUE_LEN)
+    def sequence_len(self, tokenizer: Tokenizer | None = None) -> int:
+        """Tokens per example: the context plus the scored continuation (text) or value (retrieval)."""
+        return self.context + (self.continuation if self.data == "text" else value_tokens(tokenizer))
 
 
-def validate_model(cfg: RunConfig) -> int:
+def validate_model(cfg: RunConfig, tokenizer: Tokenizer) -> int:
     """Check the model address resolves and fits the sequence length -> number of layers."""
-    from workers.model.hf import HFModelError
-    from workers.model.hf.address import is_hf_address
-
-    if is_hf_address(cfg.model):
-        path = Path(cfg.model[3:]).expanduser()
-        if not (path / "config.json").is_file():
-            raise HFModelError(f"--model={cfg.model!r}: no config.json in {path}")
-        c = json.loads((path / "config.json").read_text())
-        n_layers, max_len = int(c["num_hidden_layers"]), int(c.get("max_position_embeddings", 1 << 30))
-    else:
-        from workers.model.checkpoint import load_config
-
-        mc = load_config(cfg.model)
-        n_layers, max_len = mc.n_layers, mc.max_seq_len
-    if cfg.sequence_len > max_len:
+    shape = describe(cfg.model)
+    if cfg.sequence_len(tokenizer) > shape.max_seq_len:
         raise ValueError(
-            f"--context={cfg.context} plus {cfg.sequence_len - cfg.context} scored tokens exceeds the model's "
-            f"max_seq_len={max_len}"
+            f"--context={cfg.context} plus {cfg.sequence_len(tokenizer) - cfg.context} scored tokens exceeds the "
+            f"model's max_seq_len={shape.max_seq_len}"
         )
-    return n_layers
+    return shape.n_layers
 
 
-def calibration_data(cfg: RunConfig) -> tuple[torch.Tensor, str]:
-    """Calibration prompts [samples, context] from the calib split, and the corpus SHA-256."""
-    corpus = load_corpus(cfg.corpus)
+def calibration_data(cfg: RunConfig, corpus: Corpus, tokenizer: Tokenizer | None = None) -> torch.Tensor:
+    """Calibration prompts [samples, context] from the calib split, in the model's tokens."""
     if cfg.data == "text":
         g = torch.Generator().manual_seed(cfg.seed)
-        return corpus.sample_windows("calib", cfg.context, cfg.samples, g), corpus.sha256
-    es = eval_set(corpus.calib, n=cfg.samples, length=cfg.context + VALUE_LEN, seed=cfg.seed, split="calib")
-    return es.prompt, corpus.sha256
+        return corpus.sample_windows("calib", cfg.context, cfg.samples, g, tokenizer)
+    length = cfg.sequence_len(tokenizer)
+    return eval_set(
+        corpus.calib, n=cfg.samples, length=length, seed=cfg.seed, split="calib", tokenizer=tokenizer
+    ).prompt
 
 
-def eval_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_data(cfg: RunConfig, corpus: Corpus, tokenizer: Tokenizer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out (context [n, C], continuation [n, M]) for text, (prompt, value) for retrieval."""
-    corpus = load_corpus(cfg.corpus)
+    length = cfg.sequence_len(tokenizer)
     if cfg.data == "text":
         g = torch.Generator().manual_seed(cfg.seed + 1)
-        w = corpus.sample_windows("heldout", cfg.sequence_len, cfg.eval_samples, g)
+        w = corpus.sample_windows("heldout", length, cfg.eval_samples, g, tokenizer)
         return w[:, : cfg.context], w[:, cfg.context :]
-    es = eval_set(corpus.heldout, n=cfg.eval_samples, length=cfg.sequence_len, seed=cfg.seed + 1, split="heldout")
+    es = eval_set(
+        corpus.heldout, n=cfg.eval_samples, length=length, seed=cfg.seed + 1, split="heldout", tokenizer=tokenizer
+    )
     return es.prompt, es.value
 
 
@@ -173,11 +171,11 @@ SAMPLES_FILE = "calibration/samples.jsonl"
 
 def parse_args(argv=None) -> RunConfig:
     p = argparse.ArgumentParser(prog="python -m pipelines.prefixkv", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="runs:/<run_id>/model, a checkpoint directory, or hf:<dir>")
+    p.add_argument("--model", required=True, help=ADDRESS_HELP)
     p.add_argument("--samples", type=int, default=32, help="calibration samples (prefills)")
     p.add_argument("--workers", type=int, default=2, help="Ray actors, each loads the model once")
     p.add_argument("--data", choices=("text", "retrieval"), default="text", help="calibration/eval data")
-    p.add_argument("--corpus", default="pydoc", help="corpus: 'pydoc' or a .txt/.jsonl/.parquet path")
+    p.add_argument("--corpus", default="pydoc", help="corpus: 'pydoc', 'stdlib' or a .txt/.jsonl/.parquet path")
     p.add_argument("--context", type=int, default=192, help="prompt tokens per sample")
     p.add_argument("--continuation", type=int, default=64, help="scored tokens after the context (text)")
     p.add_argument("--scores", default="sum,window", help="attention scorers to calibrate and evaluate")
@@ -191,6 +189,9 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of calibration samples")
     p.add_argument("--seed", type=int, default=0, help="seed of sample selection and bootstrap")
     p.add_argument("--device", default="cpu", help="torch device of the actors (cpu, cuda)")
+    p.add_argument(
+        "--dtype", default=None, choices=tuple(DTYPES), help="model dtype (default fp32 on CPU, bf16 on GPU)"
+    )
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per actor (fractions ok)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray GPUs per actor")
     p.add_argument("--experiment", default="prefixkv", help="MLflow experiment name")
@@ -216,6 +217,7 @@ def parse_args(argv=None) -> RunConfig:
         bootstrap=a.bootstrap,
         seed=a.seed,
         device=a.device,
+        dtype=a.dtype,
         cpus_per_worker=a.cpus_per_worker,
         gpus_per_worker=a.gpus_per_worker,
         experiment=a.experiment,
@@ -262,6 +264,7 @@ def write_calibration(cfg: RunConfig, results: dict[int, dict], n_layers: int, w
     data = {
         "version": 1,
         "model": cfg.model,
+        "dtype": dtype_name(cfg.dtype, cfg.device),
         "n_layers": n_layers,
         "n_sink": cfg.n_sink,
         "context": cfg.context,
@@ -299,8 +302,11 @@ def write_calibration(cfg: RunConfig, results: dict[int, dict], n_layers: int, w
     return data
 
 
-def evaluate(cfg: RunConfig, actors: ActorPool, data, calibrated: dict, workdir: Path) -> dict:
-    """Shard the held-out examples over the actors; reassemble per-example results in order."""
+def evaluate(cfg: RunConfig, actors: ActorPool, data, calibrated: dict, workdir: Path, tokenizer=None) -> dict:
+    """Shard the held-out examples over the actors; reassemble per-example results in order.
+
+    Text NLL is reported per token (nats) and per byte (bits, through the model's `tokenizer`),
+    the same scored tokens for every method."""
     specs = method_grid(cfg.eval_ratios, cfg.scores)
     kw = dict(n_sink=cfg.n_sink, window=cfg.window, pool=cfg.pool, calibrated=calibrated, batch_size=cfg.batch_size)
     first = data[0]
@@ -319,6 +325,11 @@ def evaluate(cfg: RunConfig, actors: ActorPool, data, calibrated: dict, workdir:
 
     rows = summarize(per, baseline)
     metric = "nll" if cfg.data == "text" else "acc"
+    if cfg.data == "text":
+        y = data[1]
+        n_bytes = scored_bytes(tokenizer, y) or y.numel()
+        for r in rows:
+            r["bpb"] = bits_per_byte(r["mean"], y.numel(), n_bytes)
 
     def name(key: str) -> str:  # MLflow metric names may not contain "@"
         return key.replace("@", "_r")
@@ -327,6 +338,8 @@ def evaluate(cfg: RunConfig, actors: ActorPool, data, calibrated: dict, workdir:
     for r in rows:
         out[f"{metric}_{name(r['key'])}"] = r["mean"]
         out[f"{metric}_se_{name(r['key'])}"] = r["se"]
+        if "bpb" in r:
+            out[f"bpb_{name(r['key'])}"] = r["bpb"]
         if "diff" in r:
             out[f"{metric}_diff_{name(r['key'])}"] = r["diff"]
             out[f"{metric}_diff_se_{name(r['key'])}"] = r["diff_se"]
@@ -340,16 +353,19 @@ def evaluate(cfg: RunConfig, actors: ActorPool, data, calibrated: dict, workdir:
 
 def main(argv=None) -> str:
     cfg = parse_args(argv)
-    n_layers = validate_model(cfg)  # errors name the bad value before any work starts
-    calib_tokens, corpus_sha = calibration_data(cfg)
-    held = eval_data(cfg) if cfg.eval_samples else None
-    tags = {"corpus_sha256": corpus_sha, "model": cfg.model}
+    tokenizer = load_tokenizer(cfg.model)  # errors name the bad value before any work starts
+    n_layers = validate_model(cfg, tokenizer)
+    corpus = load_corpus(cfg.corpus)
+    calib_tokens = calibration_data(cfg, corpus, tokenizer)
+    held = eval_data(cfg, corpus, tokenizer) if cfg.eval_samples else None
+    tags = {"corpus_sha256": corpus.sha256, "model": cfg.model}
+    params = {**cfg.params(), **corpus.summary(), "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size}
     with (
         tracking.start_run(
             "prefixkv",
             experiment=cfg.experiment,
             run_name=cfg.run_name,
-            params=cfg.params(),
+            params=params,
             tags=tags,
             run_id=cfg.resume,
         ) as run,
@@ -359,7 +375,7 @@ def main(argv=None) -> str:
         init_ray()
         actors = ActorPool.of(
             PrefixKVActor,
-            (cfg.model, cfg.device),
+            (cfg.model, cfg.device, 1, cfg.dtype),
             cfg.workers,
             num_cpus=cfg.cpus_per_worker,
             num_gpus=cfg.gpus_per_worker,
@@ -371,7 +387,7 @@ def main(argv=None) -> str:
             calibrated = {
                 m: {float(r): f for r, f in zip(data["ratios"], e["fractions"])} for m, e in data["scores"].items()
             }
-            evaluate(cfg, actors, held, calibrated, workdir)
+            evaluate(cfg, actors, held, calibrated, workdir, tokenizer)
         actors.close()
         print(f"prefixkv run {run.info.run_id}: {artifact.FILE_NAME} logged")
         return run.info.run_id

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from ray import serve
@@ -19,7 +18,6 @@ from serve.caches import cache_factory
 from serve.calibration import Calibration
 from serve.engine import Engine, EngineConfig, GenRequest
 from workers.data.tokenizer import ByteTokenizer
-from workers.model import checkpoint
 
 
 @dataclass(frozen=True)
@@ -33,21 +31,14 @@ class ModelInfo:
 
 
 def describe_model(address: str) -> ModelInfo:
-    """runs:/<id>/model, a checkpoint directory, or hf:<dir> -> ModelInfo (reads configs only).
+    """Any model address (workers.model.hf.address) -> ModelInfo (reads configs only).
 
     Serving tokenizes with the byte tokenizer, so an hf: model must have the 256-token byte
     vocabulary (the project's own exports, workers.model.hf.export); others are refused here."""
-    if address.startswith("hf:"):
-        from transformers import AutoConfig
+    from workers.model.hf.address import describe
 
-        path = Path(address[3:]).expanduser()
-        if not (path / "config.json").is_file():
-            raise checkpoint.CheckpointError(f"model={address!r}: no config.json in {path}")
-        c = AutoConfig.from_pretrained(path, local_files_only=True)
-        info = ModelInfo(c.num_hidden_layers, c.max_position_embeddings, c.vocab_size, False)
-    else:
-        cfg = checkpoint.load_config(address)
-        info = ModelInfo(cfg.n_layers, cfg.max_seq_len, cfg.vocab_size, cfg.indexer is not None)
+    d = describe(address)
+    info = ModelInfo(d.n_layers, d.max_seq_len, d.vocab_size, d.has_indexer)
     if info.vocab_size != ByteTokenizer.vocab_size:
         raise ValueError(
             f"model={address!r}: vocabulary of {info.vocab_size} tokens; serving uses the byte tokenizer "

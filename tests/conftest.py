@@ -118,3 +118,44 @@ def tiny_llama_dir(tmp_path_factory):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory, corpus) -> Path:
+    """A small real byte-level BPE tokenizer (512 ids) trained on the pydoc train split, saved as
+    Hugging Face tokenizer files: what a user's own checkpoint brings, without any download."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus.text("train").split("\n\n"), vocab_size=512, min_frequency=2, show_progress=False)
+    path = tmp_path_factory.mktemp("bpe512")
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, clean_up_tokenization_spaces=False).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
+    """A seeded random Qwen3ForCausalLM (3 layers, q/k norms, head_dim 32 != hidden / heads) with the
+    512-id BPE tokenizer beside it: an HF checkpoint with its own tokenizer, as `hf:<dir>`."""
+    import shutil
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    path = tmp_path_factory.mktemp("qwen3_bpe")
+    torch.manual_seed(0)
+    cfg = Qwen3Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    for f in bpe_tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path

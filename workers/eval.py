@@ -26,17 +26,40 @@ from workers.stats import mean_se
 LN2 = math.log(2.0)
 
 
+def bits_per_byte(nats_per_token: float, n_tokens: int, n_bytes: int) -> float:
+    """Mean NLL per token (nats) over n_tokens scored tokens standing for n_bytes bytes -> bits/byte."""
+    return nats_per_token * n_tokens / (LN2 * n_bytes)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [B, T, V], targets [B, T] -> NLL [B, T] in nats (fp32).
+
+    The class dimension stays last: CPU cross-entropy over the [B, V, T] layout (``transpose(1, 2)``)
+    is off by 1.6e-4 nats/token against float64 at SmolLM2's 49K vocabulary; this one by 2e-5."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def scored_bytes(tokenizer, ids: torch.Tensor) -> int | None:
+    """UTF-8 bytes of the scored ids [N, M] under ``tokenizer``; None when there is none (ids are bytes)."""
+    if tokenizer is None:
+        return None
+    return sum(tokenizer.n_bytes(row) for row in ids)
+
+
 @dataclass
 class NLLResult:
     nats: float  # mean NLL per predicted token
     se: float  # standard error over examples (windows)
     n_tokens: int
     per_example: list[float] = field(default_factory=list)  # mean NLL of each example (nats)
+    n_bytes: int | None = None  # UTF-8 bytes the scored tokens stand for; None = tokens are bytes
 
     @property
     def bpb(self) -> float:
-        """Bits per byte (tokens are bytes)."""
-        return self.nats / LN2
+        """Bits per byte: NLL sum in nats / (ln 2 x UTF-8 bytes of the scored tokens), so models with
+        different tokenizers compare (every example scores the same number of tokens, so the sum is
+        ``nats * n_tokens``)."""
+        return bits_per_byte(self.nats, self.n_tokens, self.n_tokens if self.n_bytes is None else self.n_bytes)
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}_nll": self.nats, f"{prefix}_nll_se": self.se, f"{prefix}_bpb": self.bpb}
@@ -54,17 +77,19 @@ class AccuracyResult:
 
 
 @torch.no_grad()
-def heldout_nll(model, windows: torch.Tensor, *, batch_size: int = 16, **forward_kwargs) -> NLLResult:
-    """windows [N, L] -> NLL of tokens 1..L-1 given their prefixes (one forward per batch)."""
+def heldout_nll(model, windows: torch.Tensor, *, batch_size: int = 16, tokenizer=None, **forward_kwargs) -> NLLResult:
+    """windows [N, L] -> NLL of tokens 1..L-1 given their prefixes (one forward per batch).
+
+    ``tokenizer`` (the model's) gives the bytes behind the scored tokens for bits/byte."""
     model.eval()
     per = []
     for i in range(0, windows.shape[0], batch_size):
         x = windows[i : i + batch_size]
         logits = model(x, **forward_kwargs).logits
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")  # [b, L-1]
+        nll = token_nll(logits[:, :-1], x[:, 1:])  # [b, L-1]
         per.extend(nll.mean(1).tolist())
     m, se = mean_se(per)
-    return NLLResult(m, se, windows.shape[0] * (windows.shape[1] - 1), per)
+    return NLLResult(m, se, windows.shape[0] * (windows.shape[1] - 1), per, scored_bytes(tokenizer, windows[:, 1:]))
 
 
 CacheFactory = Callable[[], object]
@@ -107,17 +132,19 @@ def continuation_nll(
     make_cache: CacheFactory,
     after_prefill: AfterPrefill | None = None,
     batch_size: int = 16,
+    tokenizer=None,
     **forward_kwargs,
 ) -> NLLResult:
-    """Mean NLL of ``continuation`` [N, M] after ``context`` [N, C], per example kept."""
+    """Mean NLL of ``continuation`` [N, M] after ``context`` [N, C], per example kept (bits/byte
+    through ``tokenizer`` as in ``heldout_nll``)."""
     per = []
     for i in range(0, context.shape[0], batch_size):
         c, y = context[i : i + batch_size], continuation[i : i + batch_size]
         logits = continuation_logits(model, c, y, make_cache=make_cache, after_prefill=after_prefill, **forward_kwargs)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+        nll = token_nll(logits, y)
         per.extend(nll.mean(1).tolist())
     m, se = mean_se(per)
-    return NLLResult(m, se, continuation.numel(), per)
+    return NLLResult(m, se, continuation.numel(), per, scored_bytes(tokenizer, continuation))
 
 
 def retrieval_accuracy(
@@ -129,7 +156,7 @@ def retrieval_accuracy(
     batch_size: int = 50,
     **forward_kwargs,
 ) -> AccuracyResult:
-    """Exact match: every value byte right under argmax after the teacher-forced ``?key=``."""
+    """Exact match: every value token right under argmax after the teacher-forced ``?key=``."""
     hits: list[int] = []
     for i in range(0, len(data), batch_size):
         c, y = data.prompt[i : i + batch_size], data.value[i : i + batch_size]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 import torch
@@ -10,6 +12,7 @@ from workers.data.tokenizer import ByteTokenizer, HFTokenizer
 from workers.model.hf import HFModelError
 from workers.model.hf.address import load_any, load_tokenizer, model_shape
 from workers.model.hf.export import export_llama
+from workers.model.hf.shipped import build_once
 
 TEXT = "Ein Würfel ✓ fällt\n\tdef f(x): return x  # bytes"
 
@@ -56,3 +59,36 @@ def test_no_tokenizer_and_a_non_byte_vocabulary_is_refused(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     with pytest.raises(HFModelError, match=rf"hf:{tmp_path}.*4096"):
         load_tokenizer(f"hf:{tmp_path}")
+
+
+def test_parallel_builds_of_a_shipped_folder_leave_one_complete_copy(tmp_path):
+    """Conversions racing for the same cache folder (parallel tests, several actors): every caller
+    gets the finished folder, exactly one copy is kept and no temporary folder is left behind."""
+    import os
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    final = tmp_path / "models" / "m-0123"
+    with ThreadPoolExecutor(4) as ex:
+        out = list(ex.map(_slow_build, [final] * 4))
+    assert {Path(p) for p in out} == {final}
+    assert (final / "config.json").read_text().startswith("built by ")
+    assert os.listdir(final.parent) == ["m-0123"]  # the losers' temporary copies are gone
+    t = (final / "config.json").stat().st_mtime
+    time.sleep(0.01)
+    assert build_once(final, _fail) == final and (final / "config.json").stat().st_mtime == t  # built once
+
+
+def _slow_build(final):
+    def build(out):
+        import threading
+        import time
+
+        time.sleep(0.3)  # long enough that all four are building at once
+        (out / "config.json").write_text(f"built by {threading.get_ident()}")
+
+    return str(build_once(final, build))
+
+
+def _fail(out):
+    raise AssertionError("a finished folder is never rebuilt")

@@ -20,6 +20,7 @@ from workers.caches.precision import KVQuantConfig
 from workers.caches.protocol import DynamicCache
 from workers.caches.quantized import make_cache
 from workers.caches.scoring import ScoreConfig
+from workers.eval import heldout_nll
 from workers.model.hf import SUPPORTED_TYPES, HFModelError
 from workers.model.hf.address import load_hf
 
@@ -102,6 +103,8 @@ def test_bridge_matches_transformers(family, tokens):
     assert model.cfg.head_dim * model.cfg.n_kv_heads == attn.k_proj.out_features
     assert logits.abs().max() > 1  # a random model with real logits, so atol 1e-4 means something
     torch.testing.assert_close(_run(model, tokens, DynamicCache(2)), logits, rtol=0, atol=1e-4)
+    with torch.no_grad():  # the project's held-out NLL is transformers' loss on the same windows
+        assert abs(heldout_nll(model, tokens).nats - float(ref(tokens, labels=tokens).loss)) <= 1e-4
 
 
 def test_identity_caches_match_full(family, tokens):

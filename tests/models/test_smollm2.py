@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
+from workers.data.corpus import load_corpus
+from workers.eval import heldout_nll
 from workers.model.hf.address import load_any, load_tokenizer
 
 
@@ -23,16 +28,19 @@ def test_smollm2_answers_through_its_chat_template(smollm2_dir):
     assert "Paris" in tok.decode(out)
 
 
-def test_smollm2_nll_equals_plain_transformers(smollm2_dir):
+def test_smollm2_heldout_nll_and_bits_per_byte_equal_plain_transformers(smollm2_dir):
+    """The project's held-out NLL of N token windows of the stdlib corpus is transformers' loss on the
+    same windows (|diff| <= 1e-4 nats/token); bits/byte = NLL sum / (ln 2 x bytes of the scored tokens)."""
     from transformers import LlamaForCausalLM
 
-    text = (smollm2_dir / "chat_template.jinja").read_text() + torch.__doc__ * 4
     tok = load_tokenizer("smollm2-135m")
-    ids = torch.tensor(tok.encode(text)[: 2 * 128]).view(2, 128)
-    ours = load_any("smollm2-135m")
+    windows = load_corpus("stdlib").eval_windows("heldout", 128, max_windows=2, tokenizer=tok)  # [2, 128]
+    res = heldout_nll(load_any("smollm2-135m"), windows, tokenizer=tok)
     ref = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, local_files_only=True).eval()
     with torch.no_grad():
-        lp = torch.log_softmax(ours(ids).logits[:, :-1].float(), -1)
-        nll = -lp.gather(-1, ids[:, 1:, None]).mean()
-        ref_nll = ref(ids, labels=ids).loss
-    assert abs(float(nll) - float(ref_nll)) <= 1e-4
+        ref_nll = float(ref(windows, labels=windows).loss)
+    assert abs(res.nats - ref_nll) <= 1e-4
+    scored = "".join(tok.decode(w[1:]) for w in windows)
+    assert res.n_bytes == len(scored.encode("utf-8"))
+    assert res.bpb == pytest.approx(res.nats * res.n_tokens / (math.log(2) * res.n_bytes), rel=1e-12)
+    assert 2.5 < res.n_bytes / res.n_tokens < 6  # a BPE over Python source: several bytes per token

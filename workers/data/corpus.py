@@ -131,7 +131,10 @@ def draw_windows(t: torch.Tensor, length: int, n: int, generator: torch.Generato
     if disjoint:
         slots = t.numel() // length
         if slots < n:
-            raise CorpusError(f"{t.numel()} tokens hold {slots} disjoint windows of length={length}, fewer than n={n}")
+            raise CorpusError(
+                f"{t.numel()} tokens hold {slots} disjoint windows of length={length}, fewer than n={n}: "
+                "ask for fewer or shorter examples, or use a larger corpus (--corpus stdlib)"
+            )
         pick = torch.randperm(slots, generator=generator)[:n] * length
         return torch.stack([t[s : s + length] for s in pick.tolist()])
     if t.numel() <= length:

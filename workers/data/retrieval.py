@@ -7,16 +7,33 @@ at the end, ``?key=`` queries whose answers are the values::
 
 Keys and values are 3 characters from ``[a-z0-9]``; 4-8 records per sequence; evaluation
 sequences carry exactly one query, which ends the sequence, so the value is the last 3
-bytes. Exact match = all value bytes right under argmax after the teacher-forced ``?key=``.
+bytes. Exact match = all value tokens right under argmax after the teacher-forced ``?key=``.
 Only ``random.Random(seed)`` and lists are used: no set iteration, no hash randomness.
+
+With a model's own tokenizer (``eval_set(..., tokenizer=)``) the sequence is built in token
+space, ``length`` counted in tokens: filler is a slice of the tokenized filler text, a record is
+``encode(" #key=") + encode(value) + encode(";")`` inserted at a token boundary, the query is
+``encode(" ?key=")`` and the answer ``encode(value)``. Built from pieces, the answer span is
+exact (no merge across the ``=`` can move it) and every example has the same shape: values are
+drawn until they encode to ``value_tokens(tokenizer)`` tokens. (Tokenizing the finished text
+instead would let BPE merge the value with its neighbours, so neither its span nor its length
+would be known.) A ``length`` too short for ``max_records`` records, the query and some filler
+is refused. The byte path (no tokenizer, or the byte tokenizer) is unchanged, bit for bit.
+
+Shape legend: n sequences, L = length (bytes, or the tokenizer's tokens), V = value tokens
+(``value_tokens(tokenizer)``, 3 for bytes); ``eval_set`` gives prompt [n, L-V], value [n, V].
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+from workers.data.corpus import is_bytes
+from workers.data.tokenizer import Tokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 KEY_LEN = 3
@@ -107,9 +124,70 @@ def make_batch(filler: bytes, cfg: RetrievalConfig, n: int, seed: int) -> tuple[
     return torch.stack(seqs), answers
 
 
+def value_tokens(tokenizer: Tokenizer | None = None) -> int:
+    """Tokens of every answer: VALUE_LEN for bytes; for a real tokenizer the most common encoded
+    length of 3-character values (a fixed-seed sample; ties to the smaller), so most draws fit."""
+    if is_bytes(tokenizer):
+        return VALUE_LEN
+    rng = random.Random(0)
+    counts = Counter(len(tokenizer.encode(_word(rng, VALUE_LEN))) for _ in range(64))
+    return min(counts, key=lambda n: (-counts[n], n))
+
+
+def _value(rng: random.Random, tokenizer: Tokenizer, n_tokens: int) -> tuple[str, list[int]]:
+    for _ in range(1000):
+        v = _word(rng, VALUE_LEN)
+        ids = tokenizer.encode(v)
+        if len(ids) == n_tokens:
+            return v, ids
+    raise RetrievalError(f"no 3-character value encodes to {n_tokens} tokens in 1000 draws")
+
+
+def min_token_length(tokenizer: Tokenizer, max_records: int, n_value: int) -> int:
+    """Tokens a sequence needs: ``max_records`` of the longest records and the longest query over a
+    fixed-seed sample of keys, the answer and 4 filler tokens (the byte version's margin)."""
+    rng = random.Random(0)
+    keys = [_word(rng, KEY_LEN) for _ in range(64)]
+    record = max(len(tokenizer.encode(f" #{k}=")) for k in keys) + n_value + len(tokenizer.encode(";"))
+    query = max(len(tokenizer.encode(f" ?{k}=")) for k in keys)
+    return max_records * record + query + n_value + 4
+
+
+def make_token_sequence(
+    rng: random.Random, filler: list[int], cfg: RetrievalConfig, tokenizer: Tokenizer, n_value: int
+) -> list[int]:
+    """One single-query sequence of exactly ``cfg.length`` token ids; the last ``n_value`` are the answer."""
+    n_rec = rng.randint(cfg.min_records, cfg.max_records)
+    keys: list[str] = []
+    while len(keys) < n_rec:
+        k = _word(rng, KEY_LEN)
+        if k not in keys:
+            keys.append(k)
+    values = [_value(rng, tokenizer, n_value)[1] for _ in keys]
+    asked = rng.randrange(n_rec)
+    records = [tokenizer.encode(f" #{k}=") + v + tokenizer.encode(";") for k, v in zip(keys, values)]
+    query = tokenizer.encode(f" ?{keys[asked]}=")
+    n_fill = cfg.length - sum(map(len, records)) - len(query) - n_value
+    if n_fill < 1:
+        raise RetrievalError(
+            f"length={cfg.length}: too short for {n_rec} records and a query in tokens "
+            f"({cfg.length - n_fill + 1} needed by this draw)"
+        )
+    start = rng.randrange(0, len(filler) - n_fill)
+    fill = filler[start : start + n_fill]
+    cuts = sorted(rng.randrange(0, n_fill + 1) for _ in range(n_rec))
+    seq, prev = [], 0
+    for cut, rec in zip(cuts, records):
+        seq += fill[prev:cut] + rec
+        prev = cut
+    seq += fill[prev:] + query + values[asked]
+    assert len(seq) == cfg.length
+    return seq
+
+
 @dataclass
 class RetrievalEvalSet:
-    """Single-query sequences: ``prompt`` [n, L-3] ends with ``?key=``; ``value`` [n, 3]."""
+    """Single-query sequences: ``prompt`` [n, L-V] ends with ``?key=``; ``value`` [n, V]."""
 
     prompt: torch.Tensor
     value: torch.Tensor
@@ -118,6 +196,10 @@ class RetrievalEvalSet:
 
     def __len__(self) -> int:
         return self.prompt.shape[0]
+
+    @property
+    def value_len(self) -> int:
+        return self.value.shape[1]
 
 
 def eval_set(
@@ -128,8 +210,26 @@ def eval_set(
     split: str = "heldout",
     min_records: int = 4,
     max_records: int = 8,
+    tokenizer: Tokenizer | None = None,
 ) -> RetrievalEvalSet:
-    """Held-out evaluation queries (filler from the given split, one query per sequence)."""
+    """Held-out evaluation queries (filler from the given split, one query per sequence).
+
+    ``tokenizer``: the model's; ``length`` is then in its tokens (see the module docstring)."""
     cfg = RetrievalConfig(length=length, min_records=min_records, max_records=max_records)
-    seqs, _ = make_batch(filler, cfg, n, seed)
-    return RetrievalEvalSet(seqs[:, : length - VALUE_LEN], seqs[:, length - VALUE_LEN :], seed, split)
+    if is_bytes(tokenizer):
+        seqs, _ = make_batch(filler, cfg, n, seed)
+        return RetrievalEvalSet(seqs[:, : length - VALUE_LEN], seqs[:, length - VALUE_LEN :], seed, split)
+    n_value = value_tokens(tokenizer)
+    need = min_token_length(tokenizer, max_records, n_value)
+    if length < need:
+        raise RetrievalError(
+            f"length={length}: too short for {max_records} records and a query in "
+            f"{getattr(tokenizer, 'name', 'the tokenizer')}'s tokens (need >= {need})"
+        )
+    text = filler.decode("utf-8", errors="replace").translate({ord("#"): " ", ord("?"): " "})
+    ids = tokenizer.encode(text)  # once per call: slices of it are the filler
+    if len(ids) < 2 * length:
+        raise RetrievalError(f"filler has {len(ids)} tokens; need at least {2 * length}")
+    rng = random.Random(seed)
+    seqs = torch.tensor([make_token_sequence(rng, ids, cfg, tokenizer, n_value) for _ in range(n)], dtype=torch.long)
+    return RetrievalEvalSet(seqs[:, : length - n_value], seqs[:, length - n_value :], seed, split)

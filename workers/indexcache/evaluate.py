@@ -18,10 +18,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from tuning.indexcache.losses import LossSum
 from tuning.indexcache.patterns import flip, validate_pattern
+from workers.eval import token_nll
 
 
 def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
@@ -29,8 +29,7 @@ def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
 
     logits [B, T, V], targets [B, T].
     """
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return float(nll.double().sum()), targets.numel()
+    return float(token_nll(logits, targets).double().sum()), targets.numel()
 
 
 class ShardEvaluator:
@@ -153,8 +152,7 @@ def window_nll(model, windows: torch.Tensor, pattern: str, batch_size: int = 8) 
     for i in range(0, windows.shape[0], batch_size):
         w = windows[i : i + batch_size]
         logits = model(w[:, :-1], pattern=pattern, attn="sparse").logits
-        nll = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="none")
-        out.append(nll.view(w.shape[0], -1).double().mean(dim=1))
+        out.append(token_nll(logits, w[:, 1:]).double().mean(dim=1))
     return torch.cat(out)
 
 

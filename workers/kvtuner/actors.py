@@ -30,9 +30,16 @@ class KVWorker:
       NLL or exact match) with per-example values; map None = full precision.
     """
 
-    def __init__(self, model_address: str, datasets: dict[str, EvalData], quant: dict, batch_size: int = 32):
+    def __init__(
+        self,
+        model_address: str,
+        datasets: dict[str, EvalData],
+        quant: dict,
+        batch_size: int = 32,
+        dtype: str | None = None,
+    ):
         torch.manual_seed(0)
-        self.model = load_any(model_address)
+        self.model = load_any(model_address, dtype=dtype)
         self.n_layers = self.model.cfg.n_layers
         self.datasets, self.quant, self.batch_size = datasets, dict(quant), batch_size
         self._ref: dict[str, torch.Tensor] = {}
@@ -83,9 +90,18 @@ class KVTrial(tune.Trainable):
     for the next map without reloading.
     """
 
-    def setup(self, config, model_address=None, data=None, quant=None, spec: SpaceSpec | None = None, batch_size=32):
+    def setup(
+        self,
+        config,
+        model_address=None,
+        data=None,
+        quant=None,
+        spec: SpaceSpec | None = None,
+        batch_size=32,
+        dtype=None,
+    ):
         self.spec = spec
-        self.worker = KVWorker(model_address, {"calib": data}, quant, batch_size)
+        self.worker = KVWorker(model_address, {"calib": data}, quant, batch_size, dtype)
 
     def reset_config(self, new_config) -> bool:
         self.config = new_config

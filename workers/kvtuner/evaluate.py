@@ -5,8 +5,9 @@ Shape legend: N examples, C context tokens, M scored continuation tokens, V voca
 Every metric goes through `workers.eval.continuation_logits`: the context is prefilled into
 the cache, then the scored tokens run *through the cache*, so they see the quantized keys
 and values (never a single full-precision forward).
-- task "text":      context = first C bytes of a window, continuation = the next M bytes.
-- task "retrieval": context = the `?key=` prompt, continuation = the 3 value bytes.
+- task "text":      context = first C tokens of a window, continuation = the next M tokens.
+- task "retrieval": context = the `?key=` prompt, continuation = the value's tokens.
+Tokens are the model's own (`workers.model.hf.address.load_tokenizer`); UTF-8 bytes for CalibLMs.
 Proxy metrics against the full-precision model on the same tokens: mean next-token
 KL(full || quantized) and NLL over the continuation; the task metric is continuation NLL
 (text) or exact match (retrieval), both with per-example values for paired comparisons.
@@ -21,20 +22,36 @@ import torch.nn.functional as F
 
 from workers.caches.precision import KVQuantConfig
 from workers.caches.quantized import make_cache
-from workers.eval import AccuracyResult, NLLResult, continuation_logits, retrieval_accuracy
-from workers.stats import mean_se
+from workers.data.corpus import draw_windows, is_bytes
+from workers.eval import (
+    AccuracyResult,
+    continuation_logits,
+    continuation_nll,
+    retrieval_accuracy,
+    scored_bytes,
+)
 
 TASKS = ("text", "retrieval")
 
 
 @dataclass
 class EvalData:
-    """context [N, C], continuation [N, M] int64; `task` says how to read the continuation."""
+    """context [N, C], continuation [N, M] int64; `task` says how to read the continuation.
+
+    `n_bytes`: UTF-8 bytes the continuation tokens stand for (None: the tokens are bytes), so a
+    continuation NLL is also reported in bits/byte."""
 
     task: str
     context: torch.Tensor
     continuation: torch.Tensor
     name: str = ""
+    n_bytes: int | None = None
+
+    def bpb(self, nats_per_token: float) -> float:
+        from workers.eval import bits_per_byte
+
+        n = self.continuation.numel()
+        return bits_per_byte(nats_per_token, n, n if self.n_bytes is None else self.n_bytes)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -53,32 +70,35 @@ def build_data(
     length: int,
     continuation: int = 32,
     part: tuple[int, int] = (0, 1),
+    tokenizer=None,
 ) -> EvalData:
     """n examples of `length` tokens from a corpus split (text windows or retrieval prompts).
 
     `part` = (i, k) restricts text windows to the i-th of k equal slices of the split, so the
     search's calibration tokens and its validation tokens (second fidelity) never overlap;
-    retrieval examples differ by seed (records and filler offsets drawn from it).
+    retrieval examples differ by seed (records and filler offsets drawn from it). `tokenizer`:
+    the model's (None: UTF-8 bytes); with a real tokenizer text windows are disjoint
+    (`workers.data.corpus.draw_windows`).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if task == "retrieval":
         from workers.data.retrieval import eval_set
 
-        es = eval_set(corpus.split(split), n=n, length=length, seed=seed, split=split)
-        return EvalData(task, es.prompt, es.value, f"retrieval/{split}/seed{seed}")
+        es = eval_set(corpus.split(split), n=n, length=length, seed=seed, split=split, tokenizer=tokenizer)
+        return EvalData(task, es.prompt, es.value, f"retrieval/{split}/seed{seed}", scored_bytes(tokenizer, es.value))
     if not 0 < continuation < length:
         raise ValueError(f"continuation must be in (0, length={length}), got {continuation!r}")
-    t = corpus.tokens(split)
+    t = corpus.tokens(split, tokenizer)
     i, k = part
     t = t[i * t.numel() // k : (i + 1) * t.numel() // k]
     if t.numel() <= length:
         raise ValueError(f"split {split!r} part {part} has {t.numel()} tokens, not more than length={length}")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, t.numel() - length, (n,), generator=g).tolist()
-    w = torch.stack([t[s : s + length] for s in starts])
+    w = draw_windows(t, length, n, g, disjoint=not is_bytes(tokenizer))
     name = f"text/{split}[{i}/{k}]/seed{seed}"
-    return EvalData(task, w[:, : length - continuation], w[:, length - continuation :], name)
+    y = w[:, length - continuation :]
+    return EvalData(task, w[:, : length - continuation], y, name, scored_bytes(tokenizer, y))
 
 
 class RoutedCache:
@@ -141,10 +161,10 @@ def task_metric(model, data: EvalData, config: KVQuantConfig | None, n_layers: i
 
         es = RetrievalEvalSet(data.context, data.continuation, seed=0, split=data.name)
         return retrieval_accuracy(model, es, make_cache=make, batch_size=batch_size)
-    lp = logprobs(model, data, make, batch_size)
-    per = (-lp.gather(-1, data.continuation[..., None]).squeeze(-1).mean(1)).tolist()
-    m, se = mean_se(per)
-    return NLLResult(m, se, data.continuation.numel(), per)
+    # batch by batch: [N, M, V] log-probabilities of a held-out set with a 49K vocabulary would be GBs
+    r = continuation_nll(model, data.context, data.continuation, make_cache=make, batch_size=batch_size)
+    r.n_bytes = data.n_bytes
+    return r
 
 
 def score(result) -> list[float]:
@@ -155,4 +175,4 @@ def score(result) -> list[float]:
 def summary(result) -> dict:
     if isinstance(result, AccuracyResult):
         return {"metric": "exact_match", "value": result.accuracy, "se": result.se, "n": result.n}
-    return {"metric": "nll", "value": result.nats, "se": result.se, "n": len(result.per_example)}
+    return {"metric": "nll", "value": result.nats, "se": result.se, "n": len(result.per_example), "bpb": result.bpb}

@@ -15,6 +15,7 @@ from pathlib import Path
 from tuning.kvtuner.space import equivalent_bits, parse_pair
 from workers.kvtuner import artifact
 from workers.kvtuner.actors import run_jobs
+from workers.model.hf.address import dtype_name
 from workers.stats import markdown_table, paired_difference
 
 
@@ -52,6 +53,7 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
                 "metric": r["metric"],
                 "value": r["value"],
                 "se": r["se"],
+                **({"bpb": r["bpb"]} if "bpb" in r else {}),  # text: the NLL in bits/byte too
                 "per_example": r["per_example"],
             }
         )
@@ -87,7 +89,9 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
             "stored_bits": qc.stored_bits(cfg.length, head_dim),
             "stored_bits_context": cfg.length,
             "calib_kl": row["damage"],
-            "heldout": {k: by_name[f"kvtuner_b{b}"][k] for k in ("metric", "value", "se")},
+            "heldout": {k: v for k, v in by_name[f"kvtuner_b{b}"].items() if k in ("metric", "value", "se", "bpb")},
+            "model": cfg.model,
+            "dtype": dtype_name(cfg.dtype),
         }
         (bdir / f"{b:g}").mkdir(exist_ok=True)
         artifact.write_map(bdir / f"{b:g}" / artifact.FILE_NAME, qc, **extra)
@@ -95,7 +99,8 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
     artifact.write_budgets(out / artifact.FILE_NAME, maps)
     table = [{k: v for k, v in r.items() if k != "per_example"} for r in rows]
     (out / "report.json").write_text(json.dumps({"rows": rows, "comparisons": comps, "data": data.name}, indent=1))
-    md = markdown_table(table, ["name", "map", "nominal_bits", "stored_bits", "kv_bytes_per_token", "value", "se"])
+    cols = ["name", "map", "nominal_bits", "stored_bits", "kv_bytes_per_token", "value", "se"]
+    md = markdown_table(table, cols + (["bpb"] if "bpb" in rows[0] else []))
     md += "\n" + markdown_table(comps, ["label", "delta", "se"])
     (out / "report.md").write_text(md)
 
@@ -103,6 +108,8 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
     for r in rows:
         metrics[f"heldout_{r['name']}"] = r["value"]
         metrics[f"heldout_{r['name']}_se"] = r["se"]
+        if "bpb" in r:
+            metrics[f"heldout_{r['name']}_bpb"] = r["bpb"]
     for c in comps:
         key = f"delta_{c['a']}_vs_{c['b']}"
         metrics[key], metrics[key + "_se"] = c["delta"], c["se"]

@@ -17,20 +17,20 @@ from workers.prefixkv.calibrate import calibrate_batch
 from workers.prefixkv.evaluate import MethodSpec, eval_nll, eval_retrieval
 
 
-def load_model(address: str, device: str = "cpu"):
-    """`hf:<dir>` -> HFCausalLM; `runs:/<id>/model` or a checkpoint directory -> CalibLM (eval mode)."""
+def load_model(address: str, device: str = "cpu", dtype: str | None = None):
+    """Any model address (workers.model.hf.address) -> HFCausalLM or CalibLM in eval mode."""
     from workers.model.hf.address import load_any
 
-    return load_any(address, device).eval()
+    return load_any(address, device, dtype).eval()
 
 
 class PrefixKVWorker:
     """Model + the calibration and evaluation calls of the driver (usable without Ray)."""
 
-    def __init__(self, address: str, device: str = "cpu", threads: int = 1) -> None:
+    def __init__(self, address: str, device: str = "cpu", threads: int = 1, dtype: str | None = None) -> None:
         torch.set_num_threads(threads)
         self.device = device
-        self.model = load_model(address, device)
+        self.model = load_model(address, device, dtype)
 
     def n_layers(self) -> int:
         return int(self.model.cfg.n_layers)

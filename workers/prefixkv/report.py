@@ -67,4 +67,7 @@ def summarize(per_example: dict[str, list[float]], baseline_of) -> list[dict]:
 def results_table(rows: list[dict], value_name: str) -> str:
     """The rows of `summarize` as a markdown table (value_name: what `mean` measures)."""
     header = ("method@ratio", value_name, "SE", "vs", "paired diff", "diff SE")
-    return markdown_table(rows, ("key", "mean", "se", "baseline", "diff", "diff_se"), header=header, number=".4f")
+    cols = ("key", "mean", "se", "baseline", "diff", "diff_se")
+    if rows and "bpb" in rows[0]:  # text NLL: bits/byte too, comparable across tokenizers
+        header, cols = header + ("bits/byte",), cols + ("bpb",)
+    return markdown_table(rows, cols, header=header, number=".4f")

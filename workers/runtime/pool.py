@@ -50,7 +50,7 @@ class ActorPool:
         Large args (data sets, models) go through the object store once, not once per actor.
         """
         remote = actor_cls if isinstance(actor_cls, ActorClass) else ray.remote(actor_cls)
-        refs = tuple(a if isinstance(a, str | int | float) else ray.put(a) for a in args)
+        refs = tuple(a if a is None or isinstance(a, str | int | float) else ray.put(a) for a in args)
         return cls(lambda _: remote.options(**options).remote(*refs), n_actors)
 
     def __len__(self) -> int:

@@ -16,6 +16,7 @@ transformers' own Cache and AttentionInterface; no model code is copied).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +48,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {tuple(DTYPES)}")
     return DTYPES[dtype]
+
+
+def dtype_name(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> str:
+    """The name ("fp32", "bf16", "fp16") of the dtype `resolve_dtype` picks: what artifacts record."""
+    resolved = resolve_dtype(dtype, device)
+    return next(k for k, v in DTYPES.items() if v == resolved)
 
 
 def local_dir(address: str | Path) -> Path:
@@ -146,16 +153,38 @@ def load_any(
     return model if dtype is None else model.to(resolve_dtype(dtype, device))
 
 
-def model_shape(address: str) -> tuple[int, int, int]:
-    """(n_layers, head_dim, n_kv_heads) read from the model's config only; clear error if missing."""
+@dataclass(frozen=True)
+class ModelShape:
+    """What pipelines validate against before loading weights, read from the model's config only."""
+
+    n_layers: int
+    head_dim: int
+    n_kv_heads: int
+    max_seq_len: int
+    vocab_size: int
+    model_type: str  # "calib" for CalibLM checkpoints
+    has_indexer: bool = False  # a CalibLM with a DSA indexer
+
+
+def describe(address: str | Path) -> ModelShape:
+    """Any address -> ModelShape from its config.json (no weights are loaded; an HF model outside the
+    supported families is refused here, naming its type)."""
     path = config_file(address)
     if is_hf_config(json.loads(path.read_text())):
         from transformers import AutoConfig
 
         c = AutoConfig.from_pretrained(path.parent, local_files_only=True)
+        check_model_type(c, str(address))
         hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return c.num_hidden_layers, hd, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return ModelShape(c.num_hidden_layers, hd, kv, c.max_position_embeddings, c.vocab_size, c.model_type)
     from workers.model.checkpoint import load_config
 
     c = load_config(address)
-    return c.n_layers, c.head_dim, c.n_kv_heads
+    return ModelShape(c.n_layers, c.head_dim, c.n_kv_heads, c.max_seq_len, c.vocab_size, "calib", c.indexer is not None)
+
+
+def model_shape(address: str) -> tuple[int, int, int]:
+    """(n_layers, head_dim, n_kv_heads) of `describe`."""
+    d = describe(address)
+    return d.n_layers, d.head_dim, d.n_kv_heads

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -102,12 +103,20 @@ def shipped_dir(name: str) -> Path:
     gguf = gguf_path(m)
     st = gguf.stat()
     final = cache_root() / f"{m.name}-{_sha256(gguf, st.st_size, st.st_mtime_ns)[:12]}"
+    return build_once(final, lambda out: convert_gguf(gguf, out))
+
+
+def build_once(final: Path, build: Callable[[Path], None]) -> Path:
+    """`final`, built by `build(tmp_dir)` unless it already holds a config.json.
+
+    Several processes may build at once: each writes its own temporary sibling and renames it into
+    place; a rename onto a finished folder fails, and the loser discards its identical copy."""
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        convert_gguf(gguf, tmp)
+        build(tmp)
         os.rename(tmp, final)
     except OSError:
         if not (final / "config.json").is_file():
