@@ -211,3 +211,18 @@ def test_score_pooling_averages_neighbouring_keys_and_is_validated():
             ScoreConfig("sum", pool=bad)
     with pytest.raises(ValueError, match="--pool=4"):
         RunConfig(model="x", pool=4)
+
+
+def test_random_scores_exist_for_deep_models_and_keep_their_values():
+    """The hash salt overflowed int64 from layer 7 at seed 0 and at any layer for seeds >= 1 (a
+    30-layer model crashed); the wrapped salt gives shallow layers the values they always had."""
+    from workers.caches.scorers.random import RandomScorer
+
+    cfg = ScoreConfig("random", seed=0)
+    pos = torch.arange(64).view(1, 64)
+    scores = [RandomScorer().static(cfg, layer, pos) for layer in range(32)]
+    assert all(((s >= 0) & (s <= 1)).all() for s in scores)
+    assert len({tuple(s.flatten().tolist()) for s in scores}) == 32  # every layer draws its own
+    h = pos.long() * 6364136223846793005 + 3 * 1442695040888963407  # the original formula (seed 0)
+    h = (h ^ (h >> 29)) * 0x5851F42D4C957F2D
+    assert torch.equal(scores[3], ((h >> 33) & 0xFFFFFF).float() / float(0xFFFFFF))

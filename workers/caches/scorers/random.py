@@ -21,6 +21,8 @@ class RandomScorer(PositionScorer):
 
     def static(self, cfg, layer, pos) -> torch.Tensor:
         """pos [B, S] -> [B, S] fp32 in [0, 1]."""
-        h = pos.long() * 6364136223846793005 + (cfg.seed * 1000003 + layer) * 1442695040888963407
+        salt = (cfg.seed * 1000003 + layer) * 1442695040888963407
+        salt = (salt + 2**63) % 2**64 - 2**63  # wrapped to int64 as tensor arithmetic would (layer >= 7 overflowed)
+        h = pos.long() * 6364136223846793005 + salt
         h = (h ^ (h >> 29)) * 0x5851F42D4C957F2D
         return ((h >> 33) & 0xFFFFFF).float() / float(0xFFFFFF)
