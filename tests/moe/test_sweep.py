@@ -38,11 +38,11 @@ def test_small_sweep_orders_early_maxvio_and_logs_everything(ray_local, mlflow_u
     assert table.loc["bip_causal_t4", "maxvio_step1_mean"] == table.loc["none", "maxvio_step1_mean"]
     assert all(math.isfinite(v) for v in table["heldout_global_maxvio_mean"])
     assert all(math.isfinite(v) for v in table["heldout_ppl_mean"])
-    assert cfg == golden.arm_config()  # the arms' curves, bit for bit, of the loop before the merge
+    assert cfg == golden.arm_config()  # the arms' curves (golden.match) of the loop before the merge
     want = golden.load()["train_arm"]
     for t in out["trials"]:
-        assert t["series"]["train_loss"] == want[t["arm"]]["train_loss"], t["arm"]
-        assert t["series"]["maxvio"] == want[t["arm"]]["maxvio"], t["arm"]
+        assert golden.match(t["series"]["train_loss"], want[t["arm"]]["train_loss"]), t["arm"]
+        assert golden.match(t["series"]["maxvio"], want[t["arm"]]["maxvio"], abs_tol=golden.MAXVIO_ABS_TOL), t["arm"]
 
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(out["run_id"])

@@ -9,8 +9,14 @@ workers/training/loop.py, workers/moe/train_loop.py, workers/moe/experiment.py `
 
 on the project's x86-64 CPU machine, torch 2.13.0, one intra-op thread (as in the test suite).
 It only uses entry points both trees have (``train_local``, ``train_arm``, ``train_moe.run``).
-Float results depend on the CPU's kernels: on another machine the curves may differ in the last
-bits; re-record there from 486b1d9, never from the tree under test.
+Float results depend on the CPU's kernels: on the recording machine the curves are reproduced
+bit for bit; on another (an AMD EPYC sandbox) the last bits differ, and in models that route
+(MoE top-k, the DSA indexer's top-k, BIP) a flipped routing decision makes the curves drift: up to
+5e-3 relative over 60 steps there, against 1e-7 for the dense models. So tests compare with
+``match``: equal structure and step numbers, values within ``rel_tol`` (REL_TOL for routed models,
+DENSE_REL_TOL for dense ones). A change to the loop itself (data order, learning-rate schedule, a
+skipped or repeated step, another seed) moves per-step losses by more than that. Re-record only
+from 486b1d9, never from the tree under test.
 
 The Ray Train curves are those of existing pipeline tests (their configs are repeated here and
 checked equal there): the MLflow ``train_loss`` history as [step, value] in logging order.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -97,6 +104,33 @@ def ray_configs() -> dict[str, TrainConfig]:
         # tests/training/test_golden_losses.py: EP 2 without ZeRO (MoEOptimizer's own all-reduce and clipping)
         "ep2": ep_config(steps=6),
     }
+
+
+REL_TOL = 2e-2  # routed models (every tiny() config): see the module docstring
+DENSE_REL_TOL = 1e-5
+
+
+MAXVIO_ABS_TOL = 0.15  # MaxVio moves in steps of experts/tokens when one assignment flips
+
+
+def match(got, want, rel_tol: float = REL_TOL, abs_tol: float = 1e-9) -> bool:
+    """`got` equals `want` in structure, ints and strings, and in every float to `rel_tol` relative
+    (or `abs_tol` absolute); a dict's "maxvio" series to MAXVIO_ABS_TOL."""
+    if isinstance(want, dict):
+        return (
+            isinstance(got, dict)
+            and got.keys() == want.keys()
+            and all(match(got[k], want[k], rel_tol, MAXVIO_ABS_TOL if k == "maxvio" else abs_tol) for k in want)
+        )
+    if isinstance(want, list | tuple):
+        return (
+            isinstance(got, list | tuple)
+            and len(got) == len(want)
+            and all(match(g, w, rel_tol, abs_tol) for g, w in zip(got, want))
+        )
+    if isinstance(want, float) or isinstance(got, float):
+        return math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol)
+    return got == want
 
 
 def load() -> dict:
