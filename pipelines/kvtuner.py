@@ -36,6 +36,7 @@ from tuning.kvtuner.space import (
     parse_pair,
     validate_budget,
 )
+from workers.caches.precision import PREFILL_REGIMES
 from workers.kvtuner.actors import run_jobs, run_profile
 from workers.kvtuner.report import front_rows, plot_heatmap, plot_pareto, select_for_budget
 from workers.model.hf.address import ADDRESS_HELP, DTYPES, dtype_name, load_tokenizer, model_shape
@@ -54,6 +55,7 @@ class KVTunerConfig:
     mode: str = "kivi"
     group: int = 32
     residual: int = 32
+    prefill: str = "full"  # workers.caches.precision.PREFILL_REGIMES
     clusters: int = 4
     num_samples: int = 48
     population: int = 8
@@ -81,6 +83,8 @@ class KVTunerConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.prefill not in PREFILL_REGIMES:
+            raise ValueError(f"prefill must be one of {PREFILL_REGIMES}, got {self.prefill!r}")
         for name in ("group", "clusters", "num_samples", "calib_n", "valid_n", "report_n", "actors", "length"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -97,7 +101,7 @@ class KVTunerConfig:
 
     def quant(self) -> dict:
         """Quantizer settings shared by every cache of the run (KVQuantConfig keyword arguments)."""
-        return {"mode": self.mode, "group": self.group, "residual": self.residual}
+        return {"mode": self.mode, "group": self.group, "residual": self.residual, "prefill": self.prefill}
 
     def check_model(self, n_layers: int) -> None:
         if n_layers < 1:
@@ -118,6 +122,13 @@ def parse_args(argv=None) -> KVTunerConfig:
     p.add_argument("--mode", default="kivi", help="quantizer grouping: kivi or per_token")
     p.add_argument("--group", type=int, default=32, help="group size G (KIVI keys: tokens, values: channels)")
     p.add_argument("--residual", type=int, default=32, help="newest tokens kept in full precision (R)")
+    p.add_argument(
+        "--prefill",
+        default="full",
+        choices=PREFILL_REGIMES,
+        help="full: a forward attends its own keys/values unquantized, stores them quantized (KIVI); "
+        "quantized: it attends what is stored (the regime of results before this option)",
+    )
     p.add_argument("--clusters", type=int, default=4, help="layer groups besides layer 0 (k = min(this, N-1))")
     p.add_argument("--num-samples", type=int, default=48, help="maps evaluated by the Tune search")
     p.add_argument("--population", type=int, default=8, help="NSGA-II population size")

@@ -35,7 +35,9 @@ def _feed(cache, chunks, layer=0, seed=0):
 def test_error_bound_per_bit_width(bits, mode):
     """|x - x_hat| <= half a quantization step of the element's own group, and error shrinks with bits."""
     G = 8
-    cfg = KVQuantConfig.uniform(f"KV{bits}", 1, mode=mode, group=G, residual=0)
+    cfg = KVQuantConfig.uniform(
+        f"KV{bits}", 1, mode=mode, group=G, residual=0, prefill="quantized"
+    )  # views = what is stored
     views, k, v = _feed(FakeQuantCache(cfg), [40])
     kh, vh, _ = views[-1]
     n = 40
@@ -72,12 +74,14 @@ def test_fake_and_packed_identical_attention(mode):
                 q.transpose(1, 2), kp.transpose(1, 2), vvp.transpose(1, 2), enable_gqa=True
             )
             assert torch.equal(of, op)
-        # the serving path reads the packed codes directly (no dequantized copy) and matches
+        # the serving path reads the packed codes directly (no dequantized copy) and matches what is stored
+        # (the last update's view showed its own tokens at full precision: prefill="full")
         kq, vq, ppos, kw, vw, wpos = packed.packed_view(layer)
         qpos = torch.full((B, 1), int(pp.max()))
         out = decode_attention(q, kq, vq, ppos, kw, vw, wpos, qpos)
+        stored = packed._view(layer, torch.float32)
         ref = F.scaled_dot_product_attention(
-            q.transpose(1, 2), kf.transpose(1, 2), vvf.transpose(1, 2), enable_gqa=True
+            q.transpose(1, 2), stored.k.transpose(1, 2), stored.v.transpose(1, 2), enable_gqa=True
         ).transpose(1, 2)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
@@ -85,7 +89,7 @@ def test_fake_and_packed_identical_attention(mode):
 @pytest.mark.parametrize("kind", ["fake", "packed"])
 def test_block_never_requantized(kind):
     """Appending tokens leaves every already-quantized value bit-for-bit unchanged."""
-    cfg = KVQuantConfig(("KV2",), mode="kivi", group=8, residual=8)
+    cfg = KVQuantConfig(("KV2",), mode="kivi", group=8, residual=8, prefill="quantized")  # views = what is stored
     cache = make_cache(cfg, 1, kind)
     views, k, _ = _feed(cache, [19, 1, 5, 1, 1, 13, 2, 30])
     for i in range(1, len(views)):
@@ -133,7 +137,7 @@ def test_odd_lengths_groups_stay_within_channels():
     """T not a multiple of G: only whole G-token key blocks are quantized, each per channel;
     a value group never mixes channels beyond its own G-channel slice."""
     G = 8
-    cfg = KVQuantConfig(("KV2",), mode="kivi", group=G, residual=3)
+    cfg = KVQuantConfig(("KV2",), mode="kivi", group=G, residual=3, prefill="quantized")  # views = what is stored
     base = FakeQuantCache(cfg)
     views, k, v = _feed(base, [21])  # 21 = 2 blocks + 5 tokens
     assert base.nq[0] == 16  # 21 - 3 = 18 spill -> 2 whole blocks
@@ -156,6 +160,8 @@ def test_bad_inputs_are_named():
         KVQuantConfig(("KV4",), mode="per_channel")
     with pytest.raises(ValueError, match="residual"):
         KVQuantConfig(("KV4",), residual=-1)
+    with pytest.raises(ValueError, match="prefill"):
+        KVQuantConfig(("KV4",), prefill="fp16")
     with pytest.raises(ValueError, match="layers"):
         make_cache(KVQuantConfig(("KV4", "KV4")), 3)
     cache = FakeQuantCache(KVQuantConfig(("KV4",)))
@@ -175,3 +181,20 @@ def test_cache_registry_names_every_cache():
         make_cache(KVQuantConfig(("KV4",)), 1, "evicting")
     with pytest.raises(ValueError, match="cache 'int3' is not one of"):
         make_cache(KVQuantConfig(("KV4",)), 1, "int3")
+
+
+@pytest.mark.parametrize("kind", ["fake", "packed"])
+def test_full_precision_prefill_attends_its_own_tokens_and_stores_them_quantized(kind):
+    """prefill="full": a forward sees the K/V it wrote unquantized; the next forward reads them quantized.
+    prefill="quantized": the forward already sees what is stored."""
+    full = make_cache(KVQuantConfig(("KV2",), group=8, residual=8), 1, kind)
+    old = make_cache(KVQuantConfig(("KV2",), group=8, residual=8, prefill="quantized"), 1, kind)
+    (pre_full, _), (pre_old, _) = (_feed(c, [40])[0][0][:2] for c in (full, old))
+    _, k, v = _feed(make_cache(None, 1), [40])  # the same seeded tokens
+    assert torch.equal(pre_full, k)  # the prefill attends full precision
+    assert not torch.equal(pre_old[:, :32], k[:, :32])  # 32 of 40 quantized at once
+    nxt = torch.randn(B, 1, H, DH)
+    after_full = full.update(0, nxt, nxt, torch.full((B, 1), 40))
+    after_old = old.update(0, nxt, nxt, torch.full((B, 1), 40))
+    assert torch.equal(after_full.k, after_old.k) and torch.equal(after_full.v, after_old.v)  # same storage
+    assert torch.equal(after_full.k[:, :32], pre_old[:, :32])  # the decode step reads the quantized prefill

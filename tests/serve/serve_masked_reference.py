@@ -52,9 +52,10 @@ class MaskedReferenceCache:
         self.score[layer] = s if self.score[layer] is None else torch.cat([self.score[layer], s])
         if self.spec.evicts:
             self.pending[layer] = T
-        else:
-            self._flush(layer)
-        return self._view(layer)
+            return self._view(layer)
+        before = self._view(layer)  # prefill="full": this forward sees its own tokens unquantized
+        self._flush(layer)
+        return before if self.spec.prefill == "full" else self._view(layer)
 
     def _view(self, layer) -> KVView:
         keep = self.alive[layer].nonzero()[:, 0]

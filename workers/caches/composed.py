@@ -5,8 +5,9 @@ Di indexer head dim, R residual window, G quantization block (KIVI group; 1 per 
 
 Per layer the cache holds [quantized part | full-precision window]. The rules:
 1. update(): new tokens join the window in full precision. Without eviction, whole blocks
-   beyond the newest R window tokens are quantized at once (KVTuner's rule, so the step already
-   attends to them quantized: identical to workers.caches.quantized.PackedKVCache).
+   beyond the newest R window tokens are quantized at once (KVTuner's rule); the forward attends
+   to its own tokens at full precision (`prefill="full"`, the default) or already quantized
+   (`prefill="quantized"`), as workers.caches.quantized.PackedKVCache.
 2. With eviction, observe() (called by the model before attention, with this forward's
    queries) adds the attention each key receives to its score, then evicts, then quantizes:
    prefill: the layer keeps exactly its planned count of prompt tokens (tuning.prefixkv.plan,
@@ -31,6 +32,7 @@ from kernels.kv_quant import BITS, quantize_pack, unpack_dequantize
 from tuning.prefixkv.plan import plan_counts
 from tuning.prefixkv.search import n_protected
 from workers.caches import CACHES
+from workers.caches.precision import PREFILL_REGIMES
 from workers.caches.protocol import KVView
 from workers.caches.scoring import ScoreConfig, received, static_scores
 
@@ -51,9 +53,12 @@ class ComposedSpec:
     keep_ratio: float = 1.0
     n_sink: int = 4
     score: ScoreConfig = ScoreConfig("sum")
+    prefill: str = "full"  # workers.caches.precision.PREFILL_REGIMES
 
     def __post_init__(self) -> None:
         L = self.n_layers
+        if self.prefill not in PREFILL_REGIMES:
+            raise ValueError(f"prefill={self.prefill!r}: one of {PREFILL_REGIMES}")
         for name, bits in (("k_bits", self.k_bits), ("v_bits", self.v_bits)):
             if bits is not None and (len(bits) != L or any(b not in (*BITS, FULL_BITS) for b in bits)):
                 raise ValueError(f"{name}={bits!r}: needs {L} entries from {(*BITS, FULL_BITS)}")
@@ -156,8 +161,12 @@ class ComposedCache:
         if self.spec.evicts:
             st.score = _cat(st.score, static_scores(self.spec.score, layer, pos))
             st.pending = k.shape[1]
-        else:
+            return self._view(layer, k.dtype)
+        if self.spec.prefill == "full":  # the flush rebinds the window, so this view stays as it was
+            view = self._view(layer, k.dtype)
             self._flush(layer)
+            return view
+        self._flush(layer)
         return self._view(layer, k.dtype)
 
     def observe(self, layer, q, k, q_pos, k_pos) -> None:

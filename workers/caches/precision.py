@@ -17,6 +17,11 @@ from kernels.kv_quant import MODES, group_shape, words_per_vector
 from tuning.kvtuner.space import Pair, equivalent_bits, parse_pair
 
 SCALE_BYTES = 4  # kernels.kv_quant stores scale and min in fp32
+# "full": the keys and values a forward writes are attended at full precision by that forward (the
+# prefill attends its own K/V unquantized, as KIVI and transformers' QuantizedCache do) and stored
+# quantized for the forwards after it. "quantized": a forward already attends to what the cache
+# stores after its write (the project's behaviour before the regime existed).
+PREFILL_REGIMES = ("full", "quantized")
 
 
 @dataclass(frozen=True)
@@ -26,12 +31,14 @@ class KVQuantConfig:
     mode: "kivi" (keys per channel over `group` tokens, values per token over `group` channels)
     or "per_token" (each token's head vector is one group). residual: the newest tokens kept in
     full precision (at least `residual`, fewer than residual + block, block = group in KIVI, 1 per token).
+    prefill: one of PREFILL_REGIMES (what a forward attends to of the tokens it writes).
     """
 
     layers: tuple[Pair, ...]
     mode: str = "kivi"
     group: int = 32
     residual: int = 32
+    prefill: str = "full"
 
     def __post_init__(self):
         if not self.layers:
@@ -43,6 +50,8 @@ class KVQuantConfig:
             raise ValueError(f"KVQuantConfig.group must be an int >= 1, got {self.group!r}")
         if not isinstance(self.residual, int) or self.residual < 0:
             raise ValueError(f"KVQuantConfig.residual must be an int >= 0, got {self.residual!r}")
+        if self.prefill not in PREFILL_REGIMES:
+            raise ValueError(f"KVQuantConfig.prefill must be one of {PREFILL_REGIMES}, got {self.prefill!r}")
 
     @classmethod
     def uniform(cls, pair: str | Pair, n_layers: int, **kw) -> KVQuantConfig:

@@ -9,8 +9,11 @@ Both implement the cache protocol of workers/caches/protocol.py and share one ru
 2. After the write, while the window holds >= R + block tokens, its oldest `block` tokens
    (KIVI: G, so key groups never straddle blocks; per-token: 1) are quantized with
    kernels.kv_quant, once: a quantized token is never touched again.
-3. The view returned is exactly what the cache holds after this update, so the model's
-   attention sees the quantization even in a single prefill (no full-precision shortcut).
+3. What the forward attends to (`KVQuantConfig.prefill`): "full" (default) -- the tokens this
+   update wrote are seen at full precision, everything stored before as the cache holds it, so
+   a prefill attends to its own keys and values unquantized and only later forwards read the
+   quantized ones (KIVI; transformers' QuantizedCache); "quantized" -- exactly what the cache
+   holds after this update, so even a single prefill attends quantized keys and values.
 
 `FakeQuantCache` writes x_hat = fake_quantize(x) in place into one fp buffer (cheap to read);
 `PackedKVCache` keeps int32 codes + fp32 scale/min (`PackedKV`) and dequantizes on read.
@@ -88,6 +91,19 @@ class _QuantizedCache:
     def length(self, layer: int) -> int:
         return self.n[layer]
 
+    def _stored_view(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KVView:
+        n = self.n[layer]
+        idx = None if self.idx[layer] is None else self.idx[layer][:, :n]
+        return KVView(k, v, self.pos[layer][:, :n], idx)
+
+    def _attended(self, layer: int, k: torch.Tensor, v: torch.Tensor, flushing: int) -> KVView | None:
+        """The view a "full"-prefill forward attends to when this update quantizes `flushing` tokens:
+        k, v [B, S, Hkv, Dh] as held before the flush (copied: the flush rewrites the buffers). None
+        when nothing is flushed or the regime is "quantized" (the view after the flush is the one)."""
+        if not flushing or self.config.prefill != "full":
+            return None
+        return self._stored_view(layer, k.clone(), v.clone())
+
     @property
     def nominal_bits(self) -> float:
         return self.config.nominal_bits
@@ -143,6 +159,8 @@ class FakeQuantCache(_QuantizedCache):
         self.v[layer][:, s0 : s0 + T] = v
         self.n[layer] += T
         f = self._to_flush(layer)
+        n = self.n[layer]
+        before = self._attended(layer, self.k[layer][:, :n], self.v[layer][:, :n], f)
         if f:
             q0, c = self.nq[layer], self.config
             pair = c.layers[layer]
@@ -151,9 +169,7 @@ class FakeQuantCache(_QuantizedCache):
             vb.copy_(fake_quantize(vb, pair.v, c.mode, "v", c.group))
             self.nq[layer] += f
             self.quantized_total[layer] += f
-        n = self.n[layer]
-        idx = None if self.idx[layer] is None else self.idx[layer][:, :n]
-        return KVView(self.k[layer][:, :n], self.v[layer][:, :n], self.pos[layer][:, :n], idx)
+        return before or self._stored_view(layer, self.k[layer][:, :n], self.v[layer][:, :n])
 
     def _kv_bytes(self, layer: int) -> tuple[int, int]:
         if self.k[layer] is None:
@@ -209,6 +225,7 @@ class PackedKVCache(_QuantizedCache):
         self.vw[layer][:, nw : nw + T] = v
         self.n[layer] += T
         f = self._to_flush(layer)
+        before = self._attended(layer, *self._dequantized(layer, k.dtype), f) if f else None
         if f:
             c, pair, q0 = self.config, self.config.layers[layer], self.nq[layer]
             if self.kp[layer] is None or self.kp[layer].length < q0 + f:
@@ -221,7 +238,7 @@ class PackedKVCache(_QuantizedCache):
             self.vw[layer][:, :rest] = self.vw[layer][:, f : f + rest].clone()
             self.nq[layer] += f
             self.quantized_total[layer] += f
-        return self._view(layer, k.dtype)
+        return before or self._view(layer, k.dtype)
 
     def packed_view(self, layer: int):
         """Inputs of kernels.decode_attention: (k_packed, v_packed, packed_pos [B,Sq], k_win, v_win, win_pos)."""
@@ -231,16 +248,15 @@ class PackedKVCache(_QuantizedCache):
         nw = n - nq
         return kp, vp, self.pos[layer][:, :nq], self.kw[layer][:, :nw], self.vw[layer][:, :nw], self.pos[layer][:, nq:n]
 
-    def _view(self, layer: int, dtype: torch.dtype) -> KVView:
+    def _dequantized(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held token's keys and values [B, S, Hkv, Dh]: dequantized codes, then the window."""
         kp, vp, _, kw, vw, _ = self.packed_view(layer)
-        n = self.n[layer]
         if kp is not None and kp.length:
-            k = torch.cat([unpack_dequantize(kp, dtype), kw], 1)
-            v = torch.cat([unpack_dequantize(vp, dtype), vw], 1)
-        else:
-            k, v = kw, vw
-        idx = None if self.idx[layer] is None else self.idx[layer][:, :n]
-        return KVView(k, v, self.pos[layer][:, :n], idx)
+            return torch.cat([unpack_dequantize(kp, dtype), kw], 1), torch.cat([unpack_dequantize(vp, dtype), vw], 1)
+        return kw, vw
+
+    def _view(self, layer: int, dtype: torch.dtype) -> KVView:
+        return self._stored_view(layer, *self._dequantized(layer, dtype))
 
     def _kv_bytes(self, layer: int) -> tuple[int, int]:
         if self.kw[layer] is None:

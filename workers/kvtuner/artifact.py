@@ -16,6 +16,8 @@ Also accepted on load (files from before the version field, and hand-written one
 - "layers" entries as [k_bits, v_bits] pairs, or top-level "k_bits": [L] and "v_bits": [L];
 - "group" for "group_size", "residual_window" for "residual"; missing mode / group / residual
   default to "kivi" / 32 / 32;
+- "prefill" (the regime the map was searched in, workers.caches.precision.PREFILL_REGIMES) is
+  provenance: a reader picks the regime it applies (`PrecisionMap.config(prefill=)`, default "full");
 - bits 16 for a layer's keys or values: not quantized (the composed serving cache's identity setting).
 """
 
@@ -27,7 +29,7 @@ from functools import partial
 from pathlib import Path
 
 from kernels.kv_quant import MODES
-from workers.caches.precision import KVQuantConfig
+from workers.caches.precision import PREFILL_REGIMES, KVQuantConfig
 from workers.runtime.artifacts import bad_field, check_version, pick, read_json
 
 VERSION = 1
@@ -101,6 +103,8 @@ class PrecisionMap:
         residual = d.get(residual_key, 32)
         if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
             raise _bad(f"{where}{residual_key}", residual, "must be an int >= 0")
+        if d.get("prefill", "full") not in PREFILL_REGIMES:
+            raise _bad(f"{where}prefill", d["prefill"], f"one of {', '.join(PREFILL_REGIMES)}")
         return cls(tuple(k_bits), tuple(v_bits), mode, group, residual)
 
     @property
@@ -112,10 +116,10 @@ class PrecisionMap:
             raise ValueError(f"{FILE_NAME}: a {self.n_layers}-layer map for a {n_layers}-layer model")
         return self
 
-    def config(self) -> KVQuantConfig:
+    def config(self, prefill: str = "full") -> KVQuantConfig:
         """The map as the caches' KVQuantConfig (which has no 16-bit setting: raises on one)."""
         pairs = tuple(f"K{k}V{v}" for k, v in zip(self.k_bits, self.v_bits))
-        return KVQuantConfig(pairs, mode=self.mode, group=self.group, residual=self.residual)
+        return KVQuantConfig(pairs, mode=self.mode, group=self.group, residual=self.residual, prefill=prefill)
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ def map_entry(qc: KVQuantConfig, **extra) -> dict:
         "mode": qc.mode,
         "group_size": qc.group,
         "residual": qc.residual,
+        "prefill": qc.prefill,  # the regime the map was searched and reported in
         "layers": [{"layer": i, "k_bits": p.k, "v_bits": p.v} for i, p in enumerate(qc.layers)],
         "equivalent_bits": qc.nominal_bits,
         "mixed": len(set(qc.layers)) > 1,
