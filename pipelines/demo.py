@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from mlflow.tracking import MlflowClient
 
 from pipelines import train_moe
-from workers.runtime import tracking
+from workers.runtime import cli, tracking
 from workers.training.config import TrainConfig, demo, retrieval, tiny
 
 
@@ -366,4 +366,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

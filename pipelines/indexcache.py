@@ -35,7 +35,7 @@ from workers.data.corpus import SplitConfig, load_corpus
 from workers.indexcache.actor import CalibrationPool
 from workers.indexcache.report import log_rows
 from workers.model import checkpoint
-from workers.runtime import tracking
+from workers.runtime import cli, tracking
 from workers.runtime.cluster import init_ray
 
 log = logging.getLogger("pipelines.indexcache")
@@ -351,4 +351,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -40,6 +40,7 @@ from workers.caches.precision import PREFILL_REGIMES
 from workers.kvtuner.actors import run_jobs, run_profile
 from workers.kvtuner.report import front_rows, plot_heatmap, plot_pareto, select_for_budget
 from workers.model.hf.address import ADDRESS_HELP, DTYPES, dtype_name, load_tokenizer, model_shape
+from workers.runtime import cli
 from workers.runtime.pool import ActorPool
 from workers.stats import markdown_table, paired_difference
 
@@ -357,5 +358,5 @@ def _choose(cfg: KVTunerConfig, rows: list[dict], front: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    res = main(sys.argv[1:])
+    res = cli.run(main, sys.argv[1:])
     print(json.dumps({"run_id": res["run_id"], "chosen": res["chosen"]}, indent=1))

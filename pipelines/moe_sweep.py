@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from workers.model.config import ConfigError
 from workers.moe.experiment import ARMS, ExperimentConfig
 from workers.moe.report import comparison_table, markdown, plot_maxvio, trials_table
-from workers.runtime import tracking
+from workers.runtime import cli, tracking
 
 ARTIFACTS = tracking.REPO_ROOT / "artifacts"
 
@@ -216,4 +216,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -44,7 +44,7 @@ from workers.prefixkv.actor import PrefixKVActor
 from workers.prefixkv.calibrate import reduce_samples
 from workers.prefixkv.evaluate import method_grid
 from workers.prefixkv.report import budgets_figure, curves_figure, results_table, summarize
-from workers.runtime import tracking
+from workers.runtime import cli, tracking
 from workers.runtime.cluster import init_ray
 from workers.runtime.pool import ActorPool
 
@@ -394,4 +394,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from workers.runtime import tracking
+from workers.runtime import cli, tracking
 from workers.stats import markdown_table
 
 PIPELINES = ("train_moe", "moe_sweep", "indexcache", "kvtuner", "prefixkv")
@@ -155,4 +155,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

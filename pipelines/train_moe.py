@@ -27,7 +27,7 @@ import torch
 from workers.data.corpus import load_corpus
 from workers.data.shards import write_shards
 from workers.model.config import ConfigError
-from workers.runtime import tracking
+from workers.runtime import cli, tracking
 from workers.training.config import RECIPES, TrainConfig, parse_curriculum, recipe
 from workers.training.evaluate import final_report
 from workers.training.train_state import META_FILE, STATE_FILE
@@ -236,4 +236,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

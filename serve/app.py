@@ -27,6 +27,7 @@ from serve.calibration import CalibrationError, resolve
 from serve.config import ServeArgs
 from serve.ingress import Ingress
 from serve.model_server import ModelServer, describe_model
+from workers.runtime import cli
 
 
 def build(args: ServeArgs) -> Application:
@@ -122,4 +123,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

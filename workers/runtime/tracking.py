@@ -101,6 +101,14 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
         client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+_RUNS_STARTED = 0
+
+
+def runs_started() -> int:
+    """How many runs `start_run` began in this process."""
+    return _RUNS_STARTED
+
+
 @contextlib.contextmanager
 def start_run(
     pipeline: str,
@@ -117,6 +125,8 @@ def start_run(
     ``run_id`` resumes an existing run (a run killed outright stays RUNNING; resuming it is how it
     gets a proper end).
     """
+    global _RUNS_STARTED
+    _RUNS_STARTED += 1  # from here on an error is the run's failure, not bad input (workers.runtime.cli)
     exp_id = setup(experiment)
     all_tags = {"pipeline": pipeline, "git_commit": git_commit(), **(tags or {})}
     with mlflow.start_run(
