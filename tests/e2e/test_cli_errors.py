@@ -38,3 +38,24 @@ def test_bad_input_is_one_line_and_exit_2(args, names, tmp_path):
     assert not (tmp_path / "m.db").exists()  # no MLflow store was touched, so no run
     debug = _cli(args, tmp_path, CALIBRAY_DEBUG="1")
     assert "Traceback" in debug.stderr and debug.returncode == 1
+
+
+def test_corrupt_files_are_named(tmp_path):
+    """A config.json that is not JSON and a corpus that is not UTF-8 text: the error names the file."""
+    from workers.data.corpus import CorpusError, load_corpus
+    from workers.model.checkpoint import CheckpointError, load_config
+    from workers.model.hf import HFModelError
+    from workers.model.hf.address import load_tokenizer
+
+    bad = tmp_path / "m"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    (bad / "model.safetensors").write_bytes(b"")
+    with pytest.raises(HFModelError, match=r"m/config.json: not a JSON config"):
+        load_tokenizer(f"hf:{bad}")
+    with pytest.raises(CheckpointError, match=r"m/config.json is not a JSON config"):
+        load_config(str(bad))
+    binary = tmp_path / "c.txt"
+    binary.write_bytes(b"text \xff\xfe more")
+    with pytest.raises(CorpusError, match=r"c.txt'.*not UTF-8 text .* at byte 5"):
+        load_corpus(str(binary))

@@ -165,6 +165,13 @@ BUILTIN = {
 def _file_documents(path: Path) -> list[str]:
     if not path.exists():
         raise CorpusError(f"corpus={str(path)!r}: no such file")
+    try:
+        return _read_documents(path)
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"corpus={str(path)!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_documents(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq

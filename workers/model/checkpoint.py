@@ -57,7 +57,10 @@ def resolve(address: str | Path) -> Path:
 
 
 def _config(address: str | Path, path: Path) -> ModelConfig:
-    d = json.loads((path / CONFIG_FILE).read_text())
+    try:
+        d = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"model={str(address)!r}: {path / CONFIG_FILE} is not a JSON config ({e})") from None
     if "model_type" in d:  # every transformers config has one, a CalibLM config never does
         raise CheckpointError(
             f"model={str(address)!r}: a Hugging Face checkpoint, not a CalibLM; load it with "

@@ -82,7 +82,15 @@ def config_file(address: str | Path) -> Path:
 
 
 def read_config(address: str | Path) -> dict:
-    return json.loads(config_file(address).read_text())
+    return _json(config_file(address))
+
+
+def _json(path: Path) -> dict:
+    """A config.json's contents; a file that is not JSON is named, with where it breaks."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFModelError(f"{path}: not a JSON config ({e})") from None
 
 
 def is_hf_config(config: dict) -> bool:
@@ -170,7 +178,7 @@ def describe(address: str | Path) -> ModelShape:
     """Any address -> ModelShape from its config.json (no weights are loaded; an HF model outside the
     supported families is refused here, naming its type)."""
     path = config_file(address)
-    if is_hf_config(json.loads(path.read_text())):
+    if is_hf_config(_json(path)):
         from transformers import AutoConfig
 
         c = AutoConfig.from_pretrained(path.parent, local_files_only=True)
