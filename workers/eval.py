@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from workers.caches.protocol import DynamicCache, KVView
 from workers.data.retrieval import RetrievalEvalSet
 from workers.stats import mean_se
 
@@ -97,6 +98,16 @@ AfterPrefill = Callable[[object, torch.Tensor], None]
 
 
 @torch.no_grad()
+def prefill_kv(model, context: torch.Tensor, **forward_kwargs) -> list[KVView]:
+    """The full-precision keys and values [L] of ``context[:, :-1]`` (what ``continuation_logits``
+    prefills), computed once so many caches can share them (``prefilled=``)."""
+    model.eval()
+    cache = DynamicCache(model.cfg.n_layers)
+    model(context[:, :-1], cache=cache, **forward_kwargs)
+    return list(cache.layers)
+
+
+@torch.no_grad()
 def continuation_logits(
     model,
     context: torch.Tensor,
@@ -104,6 +115,7 @@ def continuation_logits(
     *,
     make_cache: CacheFactory,
     after_prefill: AfterPrefill | None = None,
+    prefilled: list[KVView] | None = None,
     **forward_kwargs,
 ) -> torch.Tensor:
     """Logits for each continuation token, predicted through the (transformed) cache.
@@ -112,10 +124,20 @@ def continuation_logits(
     is prefilled into a fresh cache; ``after_prefill(cache, context)`` may compress or quantize
     it; then ``[context[-1], continuation[:-1]]`` runs through the cache, so every scored
     token, the first included, sees only what the cache kept.
+
+    ``prefilled`` (``prefill_kv`` of this context) writes those keys and values into the cache
+    instead of running the prefill: the same cache contents, bit for bit, whenever the prefill
+    attends to its own tokens at full precision (quantized caches with prefill="full"), since
+    every layer's input is then the full-precision model's. Not for caches that act on the
+    prefill's attention (eviction) or attend quantized values during it.
     """
     model.eval()
     cache = make_cache()
-    model(context[:, :-1], cache=cache, **forward_kwargs)
+    if prefilled is None:
+        model(context[:, :-1], cache=cache, **forward_kwargs)
+    else:
+        for layer, kv in enumerate(prefilled):
+            cache.update(layer, kv.k, kv.v, kv.pos, kv.idx_k)
     if after_prefill is not None:
         after_prefill(cache, context)
     C = context.shape[1]
@@ -133,6 +155,7 @@ def continuation_nll(
     after_prefill: AfterPrefill | None = None,
     batch_size: int = 16,
     tokenizer=None,
+    prefilled: list[list[KVView]] | None = None,
     **forward_kwargs,
 ) -> NLLResult:
     """Mean NLL of ``continuation`` [N, M] after ``context`` [N, C], per example kept (bits/byte
@@ -140,7 +163,10 @@ def continuation_nll(
     per = []
     for i in range(0, context.shape[0], batch_size):
         c, y = context[i : i + batch_size], continuation[i : i + batch_size]
-        logits = continuation_logits(model, c, y, make_cache=make_cache, after_prefill=after_prefill, **forward_kwargs)
+        pre = None if prefilled is None else prefilled[i // batch_size]  # one entry per batch
+        logits = continuation_logits(
+            model, c, y, make_cache=make_cache, after_prefill=after_prefill, prefilled=pre, **forward_kwargs
+        )
         nll = token_nll(logits, y)
         per.extend(nll.mean(1).tolist())
     m, se = mean_se(per)
@@ -154,13 +180,17 @@ def retrieval_accuracy(
     make_cache: CacheFactory,
     after_prefill: AfterPrefill | None = None,
     batch_size: int = 50,
+    prefilled: list[list[KVView]] | None = None,
     **forward_kwargs,
 ) -> AccuracyResult:
     """Exact match: every value token right under argmax after the teacher-forced ``?key=``."""
     hits: list[int] = []
     for i in range(0, len(data), batch_size):
         c, y = data.prompt[i : i + batch_size], data.value[i : i + batch_size]
-        logits = continuation_logits(model, c, y, make_cache=make_cache, after_prefill=after_prefill, **forward_kwargs)
+        pre = None if prefilled is None else prefilled[i // batch_size]
+        logits = continuation_logits(
+            model, c, y, make_cache=make_cache, after_prefill=after_prefill, prefilled=pre, **forward_kwargs
+        )
         hits.extend((logits.argmax(-1) == y).all(1).long().tolist())
     n = len(hits)
     p = sum(hits) / n

@@ -14,7 +14,15 @@ from tuning.kvtuner.profile import Profile, assemble
 from tuning.kvtuner.search import SpaceSpec
 from tuning.kvtuner.space import PAIRS, parse_pair
 from workers.caches.precision import KVQuantConfig
-from workers.kvtuner.evaluate import EvalData, cache_factory, logprobs, proxy_metrics, summary, task_metric
+from workers.kvtuner.evaluate import (
+    EvalData,
+    cache_factory,
+    logprobs,
+    prefills,
+    proxy_metrics,
+    summary,
+    task_metric,
+)
 from workers.model.hf.address import load_any
 from workers.runtime.pool import ActorPool
 
@@ -43,12 +51,22 @@ class KVWorker:
         self.n_layers = self.model.cfg.n_layers
         self.datasets, self.quant, self.batch_size = datasets, dict(quant), batch_size
         self._ref: dict[str, torch.Tensor] = {}
+        self._prefills: dict[str, list] = {}
 
     def ref(self, name: str) -> torch.Tensor:
         if name not in self._ref:
             make = cache_factory(None, self.n_layers)
-            self._ref[name] = logprobs(self.model, self.datasets[name], make, self.batch_size)
+            self._ref[name] = logprobs(self.model, self.datasets[name], make, self.batch_size, self.prefilled(name))
         return self._ref[name]
+
+    def prefilled(self, name: str) -> list | None:
+        """The data set's full-precision prefill, shared by every map when the prompt attends to itself at
+        full precision (prefill="full"); None in the "quantized" regime, where each map prefills anew."""
+        if self.quant.get("prefill", "full") != "full":
+            return None
+        if name not in self._prefills:
+            self._prefills[name] = prefills(self.model, self.datasets[name], self.batch_size)
+        return self._prefills[name]
 
     def config(self, layers) -> KVQuantConfig:
         return KVQuantConfig(tuple(layers), **self.quant)
@@ -56,7 +74,8 @@ class KVWorker:
     def proxy(self, layers, data: str, only_layer: int | None = None) -> dict:
         d = self.datasets[data]
         make = cache_factory(self.config(layers), self.n_layers, "fake", only_layer)
-        return proxy_metrics(self.ref(data), logprobs(self.model, d, make, self.batch_size), d)
+        lp = logprobs(self.model, d, make, self.batch_size, self.prefilled(data))
+        return proxy_metrics(self.ref(data), lp, d)
 
     def run(self, job: dict) -> dict:
         op, data = job["op"], job.get("data", "calib")
@@ -69,7 +88,7 @@ class KVWorker:
             return {"map": job["map"], **{k: m[k] for k in ("damage", "nll", "exact")}}
         if op == "task":
             cfg = None if job["map"] is None else self.config(job["map"].split(","))
-            r = task_metric(self.model, self.datasets[data], cfg, self.n_layers, self.batch_size)
+            r = task_metric(self.model, self.datasets[data], cfg, self.n_layers, self.batch_size, self.prefilled(data))
             return {"map": job["map"], **summary(r), "per_example": [float(x) for x in r.per_example]}
         raise ValueError(f"unknown KVWorker op {op!r}")
 

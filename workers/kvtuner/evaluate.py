@@ -27,6 +27,7 @@ from workers.eval import (
     AccuracyResult,
     continuation_logits,
     continuation_nll,
+    prefill_kv,
     retrieval_accuracy,
     scored_bytes,
 )
@@ -129,12 +130,22 @@ def cache_factory(config: KVQuantConfig | None, n_layers: int, kind: str = "fake
 
 
 @torch.no_grad()
-def logprobs(model, data: EvalData, make, batch_size: int = 32) -> torch.Tensor:
-    """Log-probabilities [N, M, V] of every continuation position, through caches from `make`."""
+def prefills(model, data: EvalData, batch_size: int = 32) -> list:
+    """Per batch, the full-precision prefill of its contexts (`workers.eval.prefill_kv`): with
+    prefill="full" every map's cache starts from these same keys and values, so they are computed
+    once per data set instead of once per evaluated map."""
+    return [prefill_kv(model, data.context[i : i + batch_size]) for i in range(0, len(data), batch_size)]
+
+
+@torch.no_grad()
+def logprobs(model, data: EvalData, make, batch_size: int = 32, prefilled: list | None = None) -> torch.Tensor:
+    """Log-probabilities [N, M, V] of every continuation position, through caches from `make`
+    (`prefilled`: `prefills(model, data, batch_size)`, shared by every map)."""
     out = []
-    for i in range(0, len(data), batch_size):
+    for j, i in enumerate(range(0, len(data), batch_size)):
         c, y = data.context[i : i + batch_size], data.continuation[i : i + batch_size]
-        out.append(F.log_softmax(continuation_logits(model, c, y, make_cache=make).float(), -1))
+        pre = None if prefilled is None else prefilled[j]
+        out.append(F.log_softmax(continuation_logits(model, c, y, make_cache=make, prefilled=pre).float(), -1))
     return torch.cat(out)
 
 
@@ -153,16 +164,25 @@ def proxy_metrics(ref_logp: torch.Tensor, logp: torch.Tensor, data: EvalData) ->
     }
 
 
-def task_metric(model, data: EvalData, config: KVQuantConfig | None, n_layers: int, batch_size: int = 32):
+def task_metric(
+    model,
+    data: EvalData,
+    config: KVQuantConfig | None,
+    n_layers: int,
+    batch_size: int = 32,
+    prefilled: list | None = None,
+):
     """The task's own measure through the quantized cache: NLLResult (text) or AccuracyResult (retrieval)."""
     make = cache_factory(config, n_layers)
     if data.task == "retrieval":
         from workers.data.retrieval import RetrievalEvalSet
 
         es = RetrievalEvalSet(data.context, data.continuation, seed=0, split=data.name)
-        return retrieval_accuracy(model, es, make_cache=make, batch_size=batch_size)
+        return retrieval_accuracy(model, es, make_cache=make, batch_size=batch_size, prefilled=prefilled)
     # batch by batch: [N, M, V] log-probabilities of a held-out set with a 49K vocabulary would be GBs
-    r = continuation_nll(model, data.context, data.continuation, make_cache=make, batch_size=batch_size)
+    r = continuation_nll(
+        model, data.context, data.continuation, make_cache=make, batch_size=batch_size, prefilled=prefilled
+    )
     r.n_bytes = data.n_bytes
     return r
 
