@@ -134,12 +134,12 @@ def value_tokens(tokenizer: Tokenizer | None = None) -> int:
     return min(counts, key=lambda n: (-counts[n], n))
 
 
-def _value(rng: random.Random, tokenizer: Tokenizer, n_tokens: int) -> tuple[str, list[int]]:
+def _value_ids(rng: random.Random, tokenizer: Tokenizer, n_tokens: int) -> list[int]:
+    """The ids of a random 3-character value that encodes to exactly n_tokens tokens."""
     for _ in range(1000):
-        v = _word(rng, VALUE_LEN)
-        ids = tokenizer.encode(v)
+        ids = tokenizer.encode(_word(rng, VALUE_LEN))
         if len(ids) == n_tokens:
-            return v, ids
+            return ids
     raise RetrievalError(f"no 3-character value encodes to {n_tokens} tokens in 1000 draws")
 
 
@@ -163,7 +163,7 @@ def make_token_sequence(
         k = _word(rng, KEY_LEN)
         if k not in keys:
             keys.append(k)
-    values = [_value(rng, tokenizer, n_value)[1] for _ in keys]
+    values = [_value_ids(rng, tokenizer, n_value) for _ in keys]
     asked = rng.randrange(n_rec)
     records = [tokenizer.encode(f" #{k}=") + v + tokenizer.encode(";") for k, v in zip(keys, values)]
     query = tokenizer.encode(f" ?{keys[asked]}=")

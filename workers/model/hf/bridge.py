@@ -71,34 +71,46 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 AttentionInterface.register(ATTN_IMPL, _attention)
 
 
-class BridgeLayer(CacheLayerMixin):
-    """One layer of `BridgeCache`: HF layout [B,Hkv,T,Dh] <-> protocol layout [B,T,Hkv,Dh]."""
+class ProtocolLayer(CacheLayerMixin):
+    """One transformers cache layer over a calibray cache-protocol object: HF layout [B,Hkv,T,Dh] <->
+    protocol layout [B,T,Hkv,Dh]. Subclasses say where the new tokens' positions come from."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, owner: BridgeCache, layer: int):
+    def __init__(self, proto, layer: int):
         super().__init__()
-        self.owner, self.layer = owner, layer
+        self.proto, self.layer = proto, layer
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
         return None
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        o = self.owner
-        view = o.proto.update(self.layer, key_states.transpose(1, 2), value_states.transpose(1, 2), o.q_pos)
-        o.k_pos[self.layer] = view.pos
-        return view.k.transpose(1, 2), view.v.transpose(1, 2)
+    def write(self, key_states, value_states, pos):
+        """Hand the new keys/values [B,Hkv,T,Dh] at positions pos [B,T] to the protocol -> its KVView."""
+        return self.proto.update(self.layer, key_states.transpose(1, 2), value_states.transpose(1, 2), pos)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.owner.proto.length(self.layer)
+        return self.proto.length(self.layer)
 
     def get_max_length(self) -> int:
         return -1
+
+
+class BridgeLayer(ProtocolLayer):
+    """A layer of `BridgeCache`: positions are the forward's own, and the attention reads the view's."""
+
+    def __init__(self, owner: BridgeCache, layer: int):
+        super().__init__(owner.proto, layer)
+        self.owner = owner
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        view = self.write(key_states, value_states, self.owner.q_pos)
+        self.owner.k_pos[self.layer] = view.pos
+        return view.k.transpose(1, 2), view.v.transpose(1, 2)
 
 
 class BridgeCache(Cache):

@@ -21,41 +21,23 @@ which transformers' standard masks cannot express (the project's bridge masks by
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from workers.caches.precision import KVQuantConfig
 from workers.caches.quantized import make_cache
+from workers.model.hf.bridge import ProtocolLayer
 
 
-class _CalibratedLayer(CacheLayerMixin):
-    """One layer: HF layout [B, Hkv, T, Dh] <-> the protocol's [B, T, Hkv, Dh], positions = tokens held."""
-
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(self, proto, layer: int):
-        super().__init__()
-        self.proto, self.layer = proto, layer
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        return None
+class _CalibratedLayer(ProtocolLayer):
+    """A quantized cache holds every token, so the new tokens' positions follow the ones it holds."""
 
     def update(self, key_states, value_states, *args, **kwargs):
         B, _, T, _ = key_states.shape
         start = self.proto.length(self.layer)
-        pos = torch.arange(start, start + T, device=key_states.device).expand(B, T)
-        view = self.proto.update(self.layer, key_states.transpose(1, 2), value_states.transpose(1, 2), pos)
+        view = self.write(
+            key_states, value_states, torch.arange(start, start + T, device=key_states.device).expand(B, T)
+        )
         return view.k.transpose(1, 2), view.v.transpose(1, 2)
-
-    def get_seq_length(self) -> int:
-        return self.proto.length(self.layer)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 class CalibratedCache(Cache):
