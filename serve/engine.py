@@ -8,21 +8,26 @@ throughput grows with concurrency while each request's text depends only on its 
 The model runs in a worker thread, so the replica's event loop keeps answering health checks
 and accepting requests during a step.
 
-Events a request receives: ``{"type": "token", "text": str, "token": int}`` per token (a last
-``token: None`` event carries text held back until the end), then one
-``{"type": "done", "finish_reason": "stop"|"length", "usage": {...}}`` or ``{"type": "error", ...}``.
+Events a request receives: with ``prompt_logprobs``, first ``{"type": "prompt_logprobs", "logprobs":
+[[logprob, top], ...]}`` for prompt tokens 1.. (token 0 has no context); then
+``{"type": "token", "text": str, "token": int}`` per token, with ``"logprob"`` and ``"top"``
+([[id, logprob], ...]) when the request asked for logprobs (a last ``token: None`` event carries text
+held back until the end); then one ``{"type": "done", "finish_reason": "stop"|"length", "usage": {...}}``
+or ``{"type": "error", ...}``. A token in ``stop_ids`` (the model's end-of-sequence ids) ends the
+completion with ``stop``: it is counted in ``completion_tokens`` but not shown, as OpenAI does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from serve.sampling import make_generator, sample_next
+from serve.sampling import Choice, SamplingParams, choose, make_generator, top_logprobs
 from serve.textstream import TextStream
 from workers.caches.batch import BatchCache
 
@@ -51,10 +56,11 @@ class GenRequest:
 
     prompt_ids: list[int]
     max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings, matched on the text
+    stop_ids: frozenset[int] = frozenset()  # end-of-sequence token ids
+    prompt_logprobs: bool = False  # report the prompt's logprobs too (echo with logprobs)
 
 
 @dataclass
@@ -69,6 +75,9 @@ class _Seq:
     generated: int = 0
     peak_kv_bytes: int = 0
     cancelled: bool = False
+    ended: bool = False  # generated an end-of-sequence token
+    counts: Counter = field(default_factory=Counter)  # generated tokens, for the penalties
+    prompt_lp: list | None = None  # prompt logprobs computed by the prefill, not yet emitted
 
 
 class Engine:
@@ -76,7 +85,7 @@ class Engine:
 
     model: CalibLM-like (``forward(tokens [B,T], positions=, cache=, pattern=, observer=)``).
     cache_factory: () -> new empty cache for one request (the KV-cache protocol).
-    token_bytes: token id -> bytes of its text (bytes([id]) for the byte tokenizer).
+    token_bytes: token id -> bytes of its text (the tokenizer's ``token_bytes``; b"" for special tokens).
     """
 
     def __init__(
@@ -175,8 +184,8 @@ class Engine:
                 s.cancelled = True
             return False
         self._failures = 0
-        for s, tok in zip(seqs, tokens):
-            self._emit(s, tok)
+        for s, choice in zip(seqs, tokens):
+            self._emit(s, choice)
         return True
 
     # -- model work (worker thread) -----------------------------------------------------------------
@@ -193,7 +202,7 @@ class Engine:
         return groups
 
     @torch.inference_mode()
-    def _prefill(self, seqs: list[_Seq]) -> list[int]:
+    def _prefill(self, seqs: list[_Seq]) -> list[Choice]:
         lens = [len(s.req.prompt_ids) for s in seqs]
         T = max(lens)
         ids = torch.zeros(len(seqs), T, dtype=torch.long, device=self.device)
@@ -203,12 +212,14 @@ class Engine:
         pos = torch.arange(T, device=self.device).expand(len(seqs), T)
         cache = BatchCache([s.cache for s in seqs], lens) if len(seqs) > 1 else seqs[0].cache
         logits = self._forward(ids, pos, cache)
-        for s, n in zip(seqs, lens):
+        for b, (s, n) in enumerate(zip(seqs, lens)):
             s.next_pos = n
+            if s.req.prompt_logprobs:  # emitted by _emit, on the event loop (queues are not thread-safe)
+                s.prompt_lp = self._prompt_logprobs(s, logits[b, : n - 1])
         return [self._sample(s, logits[b, n - 1]) for b, (s, n) in enumerate(zip(seqs, lens))]
 
     @torch.inference_mode()
-    def _decode(self, seqs: list[_Seq]) -> list[int]:
+    def _decode(self, seqs: list[_Seq]) -> list[Choice]:
         ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)
         pos = torch.tensor([[s.next_pos] for s in seqs], dtype=torch.long, device=self.device)
         cache = BatchCache([s.cache for s in seqs]) if len(seqs) > 1 else seqs[0].cache
@@ -226,25 +237,44 @@ class Engine:
         out = self.model(ids, positions=pos, cache=cache, pattern=self.pattern, observer=observer)
         return out.logits if hasattr(out, "logits") else out
 
-    def _sample(self, seq: _Seq, logits: torch.Tensor) -> int:
-        r = seq.req
-        return sample_next(logits, r.temperature, r.top_p, seq.generator)
+    def _sample(self, seq: _Seq, logits: torch.Tensor) -> Choice:
+        return choose(logits, seq.req.sampling, seq.generator, seq.counts)
+
+    @staticmethod
+    def _prompt_logprobs(seq: _Seq, logits: torch.Tensor) -> list[list]:
+        """logits [n-1, V] at prompt positions 0..n-2 -> [[logprob of prompt token i+1, top], ...]."""
+        lp = torch.log_softmax(logits.float().cpu(), dim=-1)
+        ids = seq.req.prompt_ids[1:]
+        k = seq.req.sampling.logprobs or 0
+        return [[float(lp[i, t]), top_logprobs(lp[i], k)] for i, t in enumerate(ids)]
 
     # -- bookkeeping (event loop) -------------------------------------------------------------------
-    def _emit(self, seq: _Seq, token: int) -> None:
+    def _emit(self, seq: _Seq, choice: Choice) -> None:
+        if seq.prompt_lp is not None:
+            seq.queue.put_nowait({"type": "prompt_logprobs", "logprobs": seq.prompt_lp})
+            seq.prompt_lp = None
+        token = choice.token
         seq.last_token = token
         seq.generated += 1
+        seq.counts[token] += 1
         with contextlib.suppress(Exception):
             seq.peak_kv_bytes = max(seq.peak_kv_bytes, int(seq.cache.nbytes()))
+        if token in seq.req.stop_ids:
+            seq.ended = True
+            return
         # Every token is an event (text may be empty while a character or stop string is pending).
-        seq.queue.put_nowait({"type": "token", "text": seq.text.push(self.token_bytes(token)), "token": token})
+        event = {"type": "token", "text": seq.text.push(self.token_bytes(token)), "token": token}
+        if choice.logprob is not None:
+            event["logprob"], event["top"] = choice.logprob, choice.top
+        seq.queue.put_nowait(event)
 
     def _finish_if_done(self, seq: _Seq) -> bool:
         if seq.cancelled:
             return True
-        if not seq.text.stopped and seq.generated < seq.req.max_tokens:
+        stopped = seq.text.stopped or seq.ended
+        if not stopped and seq.generated < seq.req.max_tokens:
             return False
-        reason = "stop" if seq.text.stopped else "length"
+        reason = "stop" if stopped else "length"
         tail = seq.text.finish()
         if tail:
             seq.queue.put_nowait({"type": "token", "text": tail, "token": None})

@@ -1,18 +1,27 @@
-"""HTTP ingress: the OpenAI-style completions API in front of the model deployment.
+"""HTTP ingress: OpenAI's API in front of the model deployment.
 
-    GET  /v1/models        the served model, its context and calibration
-    POST /v1/completions   prompt, max_tokens, temperature, top_p, seed, stop, stream (SSE)
+    GET  /v1/models              the served model, its context, chat support and calibration
+    GET  /v1/models/{id}         one model card, or 404
+    POST /v1/completions         prompt (text, texts, token ids, lists of ids), n, best_of, logprobs,
+                                 echo, penalties, logit_bias, stop, seed, stream (+ include_usage)
+    POST /v1/chat/completions    messages through the model's chat template, n, logprobs and
+                                 top_logprobs, penalties, stop, seed, stream (role, then content deltas)
 
-Every client error is a 4xx with an OpenAI-style body ``{"error": {"message", "type", "param"}}``
-whose ``param`` names the offending field. A replica that dies before a request's first event
-is retried on another replica, so one replica's death does not fail requests routed to it.
+Each (prompt, choice) is one sequence on the model deployment; the replica's engine batches them
+with everything else in flight. Choice i of a seeded request uses seed + i, so choice 0 is the
+text the same request with n=1 gives. Every error (validation, 404, 405, a replica's 4xx) has
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and names the offending field;
+a parameter this server does not implement is a 400 naming it. A replica that dies before a
+sequence's first event is retried on another replica.
 
 No `from __future__ import annotations` here: FastAPI must see the real request type on the
 methods Serve wraps, or it would read the body model as a query parameter.
 """
 
 import asyncio
+import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -20,16 +29,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
+from starlette.exceptions import HTTPException
 
+from serve.choices import Sequence
 from serve.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     Choice,
+    ChunkChoice,
     CompletionRequest,
     CompletionResponse,
+    Delta,
     ErrorResponse,
     ModelCard,
     ModelList,
     Usage,
-    new_completion_id,
+    new_id,
     now,
 )
 
@@ -41,28 +59,124 @@ try:
 except ImportError:  # pragma: no cover - older Ray
     RETRYABLE = (RayActorError,)
 FIRST_EVENT_ATTEMPTS = 3
+MAX_SEQUENCES = 64  # prompts x (best_of or n) in one request
 
 api = FastAPI(
-    title="calibray completions",
-    version="0.1.0",
-    description="OpenAI-style completions served by calibrated CalibLM replicas on Ray Serve.",
+    title="calibray OpenAI-compatible API",
+    version="0.2.0",
+    description="OpenAI completions and chat completions served by calibrated replicas on Ray Serve.",
 )
 ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
-def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-    body = ErrorResponse(error={"message": message, "type": kind, "param": param, "code": None})
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code=None):
+    body = ErrorResponse(error={"message": message, "type": kind, "param": param, "code": code})
     return JSONResponse(status_code=status, content=body.model_dump())
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error(exc.status, exc.message, exc.param, exc.kind)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """404 (no such route) and 405 (wrong method) in OpenAI's shape, not FastAPI's {"detail": ...}."""
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    msg = f"{request.method} {request.url.path}: {exc.detail}"
+    if exc.status_code == 405:
+        msg = f"{request.method} is not allowed on {request.url.path}"
+    return error(exc.status_code, msg, None, kind)
+
+
+# "<field>: ..." at the start of a model-level ValueError names its field (serve.schemas writes them so).
+_NAMED = re.compile(r"^(?:Value error, )?([a-z_]+): ")
+# Locations pydantic adds inside a union or a list (which member, which item): not field names.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*|\d+)$")
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request", "type": ""}
     loc = [str(x) for x in first.get("loc", ())]
+    msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
-        return error(400, f"malformed JSON body: {first.get('msg', '')}", "body")
-    param = ".".join(loc[1:]) if loc[:1] == ["body"] and len(loc) > 1 else ".".join(loc) or "body"
-    return error(400, f"{param}: {first.get('msg', 'invalid value')}", param)
+        return error(400, f"malformed JSON body: {msg}", "body")
+    # Unions (the prompt's four forms) report each member's failure; the field is what matters.
+    fields = [x for x in loc[1:] if not _UNION_MEMBER.match(x)] if loc[:1] == ["body"] else loc
+    param = ".".join(fields) or "body"
+    if param == "body" and (m := _NAMED.match(msg)):
+        param = m.group(1)
+        msg = msg[m.end() :]
+    if first.get("type") == "extra_forbidden":
+        return error(400, f"{param}: this server does not support the {param!r} parameter", param)
+    return error(400, f"{param}: {msg.removeprefix('Value error, ')}", param)
+
+
+# Helpers sit above the deployment class: Serve pickles the class when it is decorated, with the
+# module globals defined at that point, so a helper defined below it is a NameError in the replica.
+def _seed(seed: int | None, i: int) -> int | None:
+    return None if seed is None else (seed + i) % (2**63)
+
+
+def _usage(seqs: list[Sequence], per_prompt: int) -> Usage:
+    """Prompt tokens once per prompt, completion tokens of every sequence (best_of's discarded ones too)."""
+    prompt = sum(s.prompt_tokens for s in seqs[::per_prompt]) if seqs else 0
+    completion = sum(s.completion_tokens for s in seqs)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        kv_cache_bytes=sum(s.kv_cache_bytes for s in seqs),
+    )
+
+
+async def _merge(streams: list[tuple]) -> AsyncIterator[tuple[int, dict, bool]]:
+    """(index, event, is_first) from every sequence as they arrive; first events come first."""
+    for i, (_, first) in enumerate(streams):
+        yield i, first, True
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for ev in stream:
+                await queue.put((i, ev))
+        except RETRYABLE as e:
+            await queue.put((i, {"type": "error", "message": f"replica died ({type(e).__name__})"}))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, st)) for i, (st, _) in enumerate(streams)]
+    try:
+        open_ = len(tasks)
+        while open_:
+            i, ev = await queue.get()
+            if ev is None:
+                open_ -= 1
+            else:
+                yield i, ev, False
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _stream_error(message: str) -> str:
+    return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+
+
+def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        async for c in chunks:
+            yield f"data: {c}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 @serve.deployment(name="Ingress")
@@ -78,54 +192,144 @@ class Ingress:
             self._info = await self.model.info.remote()
         return self._info
 
-    @api.get("/v1/models", response_model=ModelList)
-    async def models(self) -> ModelList:
+    async def card(self) -> ModelCard:
         info = await self.info()
-        card = ModelCard(
+        return ModelCard(
             id=self.name,
             created=now(),
             max_context=info["max_context"],
             max_tokens_limit=info["max_tokens_limit"],
+            chat=info.get("chat", False),
             calibration=info["calibration"],
         )
-        return ModelList(data=[card])
 
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        return ModelList(data=[await self.card()])
+
+    @api.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS)
+    async def model_card(self, model_id: str):
+        self._check_model(model_id)
+        return await self.card()
+
+    def _check_model(self, model: str) -> None:
+        if model != self.name:
+            raise ApiError(404, f"model={model!r} is not served here; GET /v1/models lists {self.name!r}", "model")
+
+    # -- completions ------------------------------------------------------------------------------
     @api.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(self, req: CompletionRequest):
-        if req.model != self.name:
-            return error(404, f"model={req.model!r} is not served here; GET /v1/models lists {self.name!r}", "model")
-        body = req.model_dump()
-        try:
-            stream, first = await self._start(body)
-        except RETRYABLE as e:
-            return error(503, f"no replica could take the request ({type(e).__name__})", None, "unavailable")
-        if first["type"] == "error":
-            return error(first.get("status", 500), first["message"], first.get("param"))
-        cid, created = new_completion_id(), now()
+        self._check_model(req.model)
+        width = req.best_of or req.n
+        k = req.logprobs if req.logprobs is not None else (0 if width > req.n else None)  # best_of ranks by logprob
+        base = req.model_dump(include={"temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias"})
+        base.update(max_tokens=req.max_tokens, stop=req.stop, logprobs=k, echo=req.echo)
+        if width * len(req.prompts()) > MAX_SEQUENCES:
+            raise ApiError(
+                400, f"n: {len(req.prompts())} prompts x {width} choices exceeds {MAX_SEQUENCES} sequences", "n"
+            )
+        jobs = [{**base, "prompt": p, "seed": _seed(req.seed, i)} for p in req.prompts() for i in range(width)]
+        streams = await self._open_all(jobs)
+        cid, created = new_id("cmpl"), now()
         if req.stream:
-            return StreamingResponse(self._sse(stream, cid, created), media_type="text/event-stream")
-        text, done = [], None
-        try:
-            async for ev in stream:
-                if ev["type"] == "token":
-                    text.append(ev["text"])
-                elif ev["type"] in ("done", "error"):
-                    done = ev
-        except RETRYABLE as e:
-            return error(503, f"the replica serving this request died ({type(e).__name__})", None, "unavailable")
-        if done is None or done["type"] == "error":
-            msg = done["message"] if done else "generation ended without a result"
-            return error(500, msg, None, "server_error")
-        return CompletionResponse(
-            id=cid,
-            created=created,
-            model=self.name,
-            choices=[Choice(text="".join(text), finish_reason=done["finish_reason"])],
-            usage=Usage(**done["usage"]),
-        )
+            return _sse(self._stream_completions(req, streams, cid, created))
+        seqs = await self._collect(streams)
+        choices = []
+        for p in range(len(req.prompts())):
+            group = seqs[p * width : (p + 1) * width]
+            kept = sorted(group, key=lambda s: -s.logprob_sum)[: req.n] if width > req.n else group
+            for s in kept:
+                text = (s.prompt_text if req.echo else "") + "".join(s.text)
+                lp = s.completion_logprobs() if req.logprobs is not None else None
+                choices.append(Choice(text=text, index=len(choices), logprobs=lp, finish_reason=s.finish_reason))
+        usage = _usage(seqs, width)
+        return CompletionResponse(id=cid, created=created, model=self.name, choices=choices, usage=usage)
 
-    async def _start(self, body: dict):
-        """Open the event stream and read its first event, retrying if a replica died first."""
+    async def _stream_completions(self, req: CompletionRequest, streams, cid: str, created: int):
+        seqs = [Sequence() for _ in streams]
+        chars = [0] * len(streams)  # characters sent per choice, for text_offset
+
+        def chunk(i: int, text: str, finish=None, start: int | None = None) -> str:
+            lp = None
+            if req.logprobs is not None and start is not None:
+                lp = seqs[i].completion_logprobs(start, chars[i])
+            chars[i] += len(text)
+            c = Choice(text=text, index=i, logprobs=lp, finish_reason=finish)
+            return CompletionResponse(id=cid, created=created, model=self.name, choices=[c]).model_dump_json()
+
+        async for i, ev, first in _merge(streams):
+            s = seqs[i]
+            before = len(s.scored)
+            s.add(ev)
+            if first:
+                if req.echo and req.logprobs is None:  # with logprobs, the prompt comes with its own
+                    yield chunk(i, s.prompt_text)
+                continue
+            if ev["type"] == "prompt_logprobs":
+                yield chunk(i, s.prompt_text, start=before)
+            elif ev["type"] == "token" and (ev["text"] or "logprob" in ev):
+                yield chunk(i, ev["text"], start=before)
+            elif ev["type"] == "done":
+                yield chunk(i, "", s.finish_reason)
+            elif ev["type"] == "error":
+                yield _stream_error(ev["message"])
+        if req.include_usage():
+            yield CompletionResponse(
+                id=cid, created=created, model=self.name, choices=[], usage=_usage(seqs, req.n)
+            ).model_dump_json()
+
+    # -- chat -------------------------------------------------------------------------------------
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(self, req: ChatCompletionRequest):
+        self._check_model(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        base = req.model_dump(include={"temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias"})
+        base.update(messages=messages, max_tokens=req.token_limit(), stop=req.stop, logprobs=k)
+        jobs = [{**base, "seed": _seed(req.seed, i)} for i in range(req.n)]
+        streams = await self._open_all(jobs)
+        cid, created = new_id("chatcmpl"), now()
+        if req.stream:
+            return _sse(self._stream_chat(req, streams, cid, created))
+        seqs = await self._collect(streams)
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content="".join(s.text)),
+                logprobs=s.chat_logprobs() if req.logprobs else None,
+                finish_reason=s.finish_reason,
+            )
+            for i, s in enumerate(seqs)
+        ]
+        usage = _usage(seqs, req.n)
+        return ChatCompletionResponse(id=cid, created=created, model=self.name, choices=choices, usage=usage)
+
+    async def _stream_chat(self, req: ChatCompletionRequest, streams, cid: str, created: int):
+        seqs = [Sequence() for _ in streams]
+
+        def chunk(choices: list[ChunkChoice], usage=None) -> str:
+            c = ChatCompletionChunk(id=cid, created=created, model=self.name, choices=choices, usage=usage)
+            return c.model_dump_json(exclude_none=True)
+
+        async for i, ev, first in _merge(streams):
+            s = seqs[i]
+            before = len(s.scored)
+            s.add(ev)
+            if first:
+                yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+            elif ev["type"] == "token" and (ev["text"] or "logprob" in ev):
+                lp = s.chat_logprobs(before) if req.logprobs else None
+                yield chunk([ChunkChoice(index=i, delta=Delta(content=ev["text"]), logprobs=lp)])
+            elif ev["type"] == "done":
+                yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=s.finish_reason)])
+            elif ev["type"] == "error":
+                yield _stream_error(ev["message"])
+        if req.include_usage():
+            yield chunk([], _usage(seqs, req.n))
+
+    # -- the model deployment ------------------------------------------------------------------------
+    async def _open(self, body: dict):
+        """Open one sequence's event stream and read its first event, retrying if a replica died first."""
         for attempt in range(FIRST_EVENT_ATTEMPTS):
             stream = self.model.options(stream=True).generate.remote(body)
             try:
@@ -136,25 +340,36 @@ class Ingress:
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _sse(self, stream, cid: str, created: int) -> AsyncIterator[str]:
-        def chunk(text: str, finish=None, usage=None) -> str:
-            resp = CompletionResponse(
-                id=cid,
-                created=created,
-                model=self.name,
-                choices=[Choice(text=text, finish_reason=finish)],
-                usage=Usage(**usage) if usage else None,
-            )
-            return f"data: {resp.model_dump_json()}\n\n"
+    async def _open_all(self, jobs: list[dict]) -> list[tuple]:
+        """Start every sequence; a 4xx from any (the same for all of a prompt's choices) is the answer."""
+        try:
+            opened = await asyncio.gather(*(self._open(j) for j in jobs))
+        except RETRYABLE as e:
+            raise ApiError(503, f"no replica could take the request ({type(e).__name__})", None, "unavailable") from e
+        bad = next((first for _, first in opened if first["type"] == "error"), None)
+        if bad is not None:
+            for stream, _ in opened:
+                with contextlib.suppress(Exception):
+                    stream.cancel()
+            raise ApiError(bad.get("status", 500), bad["message"], bad.get("param"))
+        return opened
+
+    async def _collect(self, streams: list[tuple]) -> list[Sequence]:
+        async def one(stream, first) -> Sequence:
+            s = Sequence()
+            s.add(first)
+            async for ev in stream:
+                s.add(ev)
+            return s
 
         try:
-            async for ev in stream:
-                if ev["type"] == "token" and ev["text"]:
-                    yield chunk(ev["text"])
-                elif ev["type"] == "done":
-                    yield chunk("", ev["finish_reason"], ev["usage"])
-                elif ev["type"] == "error":
-                    yield f"data: {json.dumps({'error': {'message': ev['message'], 'type': 'server_error'}})}\n\n"
+            seqs = await asyncio.gather(*(one(st, f) for st, f in streams))
         except RETRYABLE as e:
-            yield f"data: {json.dumps({'error': {'message': f'replica died ({type(e).__name__})'}})}\n\n"
-        yield "data: [DONE]\n\n"
+            raise ApiError(
+                503, f"the replica serving this request died ({type(e).__name__})", None, "unavailable"
+            ) from e
+        failed = next((s for s in seqs if s.error or not s.done), None)
+        if failed is not None:
+            msg = failed.error["message"] if failed.error else "generation ended without a result"
+            raise ApiError(500, msg, None, "server_error")
+        return seqs

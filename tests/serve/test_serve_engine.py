@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from serve.engine import Engine, EngineConfig, GenRequest
+from serve.sampling import SamplingParams
 from serve.textstream import StopMatcher, TextStream
 from workers.caches.composed import ComposedCache, ComposedSpec
 from workers.caches.protocol import DynamicCache
 
+GREEDY = SamplingParams(temperature=0.0)
 PROMPTS = ["The quick brown", "A stitch", "R", "calibrated caches keep"]
 
 
@@ -55,7 +57,7 @@ def run_all(engine: Engine, reqs: list[GenRequest]):
 
 def test_concurrent_greedy_equals_offline_generation(tiny_model):
     engine = make_engine(tiny_model)
-    reqs = [GenRequest(list(p.encode()), 12, temperature=0.0) for p in PROMPTS]
+    reqs = [GenRequest(list(p.encode()), 12, GREEDY) for p in PROMPTS]
     results = run_all(engine, reqs)
     for r, (toks, _, done) in zip(reqs, results):
         assert toks == offline_greedy(tiny_model, r.prompt_ids, 12)
@@ -68,7 +70,7 @@ def test_batched_composed_caches_equal_single_requests(tiny_model):
     """Per-request evicting+quantizing caches inside a batch behave as when each runs alone."""
     L = tiny_model.cfg.n_layers
     s = ComposedSpec(L, k_bits=(4,) * L, v_bits=(4,) * L, group=4, residual=4, fractions=(0.5,) * L, keep_ratio=0.5)
-    reqs = [GenRequest(list((p * 3).encode()), 8, temperature=0.0) for p in PROMPTS]
+    reqs = [GenRequest(list((p * 3).encode()), 8, GREEDY) for p in PROMPTS]
     batched = run_all(make_engine(tiny_model, lambda: ComposedCache(s)), reqs)
     single = [run_all(make_engine(tiny_model, lambda: ComposedCache(s), batch=1), [r])[0] for r in reqs]
     assert [b[0] for b in batched] == [x[0] for x in single]
@@ -79,7 +81,7 @@ def test_batched_composed_caches_equal_single_requests(tiny_model):
 def test_same_seed_same_text_different_seed_differs(tiny_model):
     engine = make_engine(tiny_model)
     p = list(b"The ")
-    reqs = [GenRequest(p, 16, temperature=1.0, top_p=0.95, seed=s) for s in (7, 7, 8)]
+    reqs = [GenRequest(p, 16, SamplingParams(temperature=1.0, top_p=0.95), seed=s) for s in (7, 7, 8)]
     (a, _, _), (b, _, _), (c, _, _) = run_all(engine, reqs)
     assert a == b
     assert a != c
@@ -88,10 +90,10 @@ def test_same_seed_same_text_different_seed_differs(tiny_model):
 def test_stop_string_truncates_and_reports_stop(tiny_model):
     engine = make_engine(tiny_model)
     p = list(b"The quick")
-    ((toks, text, _),) = run_all(engine, [GenRequest(p, 24, temperature=0.0)])
+    ((toks, text, _),) = run_all(engine, [GenRequest(p, 24, GREEDY)])
     full = bytes(toks).decode("utf-8", errors="replace")
     stop = full[3:5]
-    ((_, text2, done),) = run_all(engine, [GenRequest(p, 24, temperature=0.0, stop=[stop])])
+    ((_, text2, done),) = run_all(engine, [GenRequest(p, 24, GREEDY, stop=[stop])])
     assert text2 == full[: full.index(stop)]
     assert done["finish_reason"] == "stop"
 
@@ -125,7 +127,7 @@ def test_s_layers_skip_their_indexer_while_serving(tiny_model):
         tiny_model, lambda: DynamicCache(L), lambda t: bytes([t]), EngineConfig(max_context=128), pattern="FSFS"
     )
     before = tiny_model.indexer_calls()
-    run_all(engine, [GenRequest(list(b"The quick"), 6, temperature=0.0) for _ in range(2)])
+    run_all(engine, [GenRequest(list(b"The quick"), 6, GREEDY) for _ in range(2)])
     after = tiny_model.indexer_calls()
     calls = [a - b for a, b in zip(after, before)]
     assert calls[0] > 0 and calls[2] > 0
@@ -143,7 +145,7 @@ def test_hf_model_is_served_with_the_same_engine(tiny_dense_trained, tmp_path):
     model = load_model(f"hf:{path}", "cpu")
     L = info.n_layers
     s = ComposedSpec(L, k_bits=(8,) * L, v_bits=(8,) * L, group=4, residual=4, fractions=(0.5,) * L, keep_ratio=0.5)
-    reqs = [GenRequest(list(p.encode()), 6, temperature=0.0) for p in PROMPTS[:3]]
+    reqs = [GenRequest(list(p.encode()), 6, GREEDY) for p in PROMPTS[:3]]
     results = run_all(make_engine(model), reqs)
     for r, (toks, _, _) in zip(reqs, results):
         assert toks == offline_greedy(model, r.prompt_ids, 6)

@@ -54,15 +54,18 @@ def test_completion_round_trip(serve_urls):
 def test_streaming_round_trip_matches_whole_completion(serve_urls):
     body = {**GOOD, "temperature": 0.8, "seed": 5, "max_tokens": 12}
     whole = post(serve_urls["full"], body).json()
-    with post(serve_urls["full"], {**body, "stream": True}, stream=True) as r:
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with post(serve_urls["full"], streamed, stream=True) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
-    chunks = events[:-1]
+    chunks, usage = events[:-2], events[-2]
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    # OpenAI's include_usage: one last chunk with no choices carries the usage.
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 12
+    assert all(c.get("usage") is None for c in chunks)
 
 
 BAD = [

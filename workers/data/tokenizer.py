@@ -11,6 +11,7 @@ bits/byte (NLL in nats / (ln 2 x bytes)), so models with different tokenizers co
 from __future__ import annotations
 
 import json
+import re
 from functools import cache, cached_property
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -31,6 +32,11 @@ class Tokenizer(Protocol):
 
     def n_bytes(self, ids) -> int: ...
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of text one id stands for (b"" for special tokens): streamed text is the UTF-8
+        decoding of the concatenation, so a character split across tokens is never split in output."""
+        ...
+
 
 def _as_list(ids) -> list[int]:
     return ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
@@ -48,6 +54,9 @@ class ByteTokenizer:
 
     def n_bytes(self, ids) -> int:
         return len(ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token])
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write this tokenizer as Hugging Face tokenizer files that `AutoTokenizer` loads and that encode
@@ -116,21 +125,36 @@ class HFTokenizer:
         if not self.byte_level:
             return len(self.hf.decode(_as_list(ids), skip_special_tokens=True).encode("utf-8"))
         ids = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(_as_list(ids), dtype=torch.long)
-        return int(self._token_bytes[ids].sum())
+        return int(self._token_sizes[ids].sum())
+
+    def token_bytes(self, token: int) -> bytes:
+        # ids past the tokenizer (embedding rows padded to a round size) stand for no text
+        return self._token_table[token] if token < self.vocab_size else b""
 
     @cached_property
-    def _token_bytes(self) -> torch.Tensor:
+    def _token_sizes(self) -> torch.Tensor:
         """[vocab_size] UTF-8 bytes each id stands for."""
+        return torch.tensor([len(b) for b in self._token_table], dtype=torch.long)
+
+    @cached_property
+    def _token_table(self) -> list[bytes]:
+        """[vocab_size] the bytes each id stands for. Byte-level BPE: the token text read through the
+        GPT-2 byte alphabet. SentencePiece: the piece with "▁" as a space, and `<0xNN>` byte-fallback
+        pieces as their byte. Special tokens stand for no text; other added tokens for their content."""
         inv = unicode_to_bytes()
         special = set(self.hf.all_special_ids)
         added = {i: t.content for i, t in self.hf.added_tokens_decoder.items()}  # plain text, not byte alphabet
 
-        def size(i: int, token: str | None) -> int:
+        def piece(i: int, token: str | None) -> bytes:
             if i in special or token is None:
-                return 0
+                return b""
             if i in added:
-                return len(added[i].encode("utf-8"))
-            return len(bytes(inv[c] for c in token))
+                return added[i].encode("utf-8")
+            if self.byte_level:
+                return bytes(inv[c] for c in token)
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                return bytes([int(token[3:5], 16)])
+            return token.replace("\u2581", " ").encode("utf-8")
 
         tokens = self.hf.convert_ids_to_tokens(list(range(self.vocab_size)))
-        return torch.tensor([size(i, t) for i, t in enumerate(tokens)], dtype=torch.long)
+        return [piece(i, t) for i, t in enumerate(tokens)]
