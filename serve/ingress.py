@@ -70,9 +70,16 @@ ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"m
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code=None):
@@ -82,17 +89,18 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error(exc.status, exc.message, exc.param, exc.kind)
+    return error(exc.status, exc.message, exc.param, exc.kind, exc.code)
 
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """404 (no such route) and 405 (wrong method) in OpenAI's shape, not FastAPI's {"detail": ...}."""
-    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    # OpenAI answers both as invalid_request_error; the code tells them apart.
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     msg = f"{request.method} {request.url.path}: {exc.detail}"
     if exc.status_code == 405:
         msg = f"{request.method} is not allowed on {request.url.path}"
-    return error(exc.status_code, msg, None, kind)
+    return error(exc.status_code, msg, None, "invalid_request_error", code)
 
 
 # "<field>: ..." at the start of a model-level ValueError names its field (serve.schemas writes them so).
@@ -214,7 +222,8 @@ class Ingress:
 
     def _check_model(self, model: str) -> None:
         if model != self.name:
-            raise ApiError(404, f"model={model!r} is not served here; GET /v1/models lists {self.name!r}", "model")
+            msg = f"model={model!r} is not served here; GET /v1/models lists {self.name!r}"
+            raise ApiError(404, msg, "model", code="model_not_found")
 
     # -- completions ------------------------------------------------------------------------------
     @api.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)

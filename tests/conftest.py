@@ -120,18 +120,26 @@ def tiny_llama_dir(tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="session")
-def bpe_tokenizer_dir(tmp_path_factory, corpus) -> Path:
-    """A small real byte-level BPE tokenizer (512 ids) trained on the pydoc train split, saved as
-    Hugging Face tokenizer files: what a user's own checkpoint brings, without any download."""
+def train_bpe(texts: list[str], path: Path, vocab_size: int = 512, special_tokens: tuple[str, ...] = (), **hf_kw):
+    """A real byte-level BPE tokenizer trained on `texts`, saved as Hugging Face tokenizer files in
+    `path` (special tokens are part of the vocabulary; hf_kw, e.g. eos_token and chat_template, go to
+    PreTrainedTokenizerFast). What a user's own checkpoint brings, without any download."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus.text("train").split("\n\n"), vocab_size=512, min_frequency=2, show_progress=False)
-    path = tmp_path_factory.mktemp("bpe512")
-    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, clean_up_tokenization_spaces=False).save_pretrained(path)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(special_tokens), show_progress=False
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, clean_up_tokenization_spaces=False, **hf_kw)
+    tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory, corpus) -> Path:
+    """A 512-id byte-level BPE tokenizer trained on the pydoc train split (train_bpe)."""
+    return train_bpe(corpus.text("train").split("\n\n"), tmp_path_factory.mktemp("bpe512"))
 
 
 @pytest.fixture(scope="session")
@@ -158,4 +166,38 @@ def tiny_qwen3_dir(tmp_path_factory, bpe_tokenizer_dir) -> Path:
     Qwen3ForCausalLM(cfg).save_pretrained(path)
     for f in bpe_tokenizer_dir.iterdir():
         shutil.copy(f, path / f.name)
+    return path
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_qwen3_dir(tmp_path_factory, corpus) -> Path:
+    """A seeded random Qwen3ForCausalLM (2 layers) with a chat tokenizer: byte-level BPE trained with
+    ChatML's <|im_start|> / <|im_end|> as special tokens, <|im_end|> its EOS, a ChatML template, and
+    generation_config.json naming the EOS, as SmolLM2 ships them. An `hf:<dir>` chat model."""
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    path = tmp_path_factory.mktemp("qwen3_chat")
+    special = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    train_bpe(corpus.text("train").split("\n\n"), path, 512, special, eos_token="<|im_end|>", chat_template=CHATML)
+    torch.manual_seed(0)
+    cfg = Qwen3Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+    )
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    GenerationConfig(eos_token_id=2).save_pretrained(path)
     return path

@@ -105,3 +105,32 @@ def serve_urls(ray_local, tiny_checkpoint, calib_files):
         wait_ready(u)
     yield urls
     serve.shutdown()
+
+
+def _add_app(serve_urls: dict, name: str, args) -> str:
+    """Deploy one more application on the session's Serve instance; -> its base URL, once ready."""
+    from ray import serve
+
+    from serve.app import build
+
+    serve.run(build(args), name=name, route_prefix=f"/{name}", blocking=False)
+    url = serve_urls["full"].removesuffix("/full") + f"/{name}"
+    wait_ready(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def chat_url(serve_urls, chat_qwen3_dir) -> str:
+    """Base URL of a random tiny Qwen3 with a BPE chat tokenizer (tests/conftest.py chat_qwen3_dir)."""
+    from serve.config import ServeArgs
+
+    return _add_app(serve_urls, "oai", ServeArgs(model=f"hf:{chat_qwen3_dir}", name="qwen3-chat", **SMALL))
+
+
+@pytest.fixture(scope="session")
+def smollm2_url(serve_urls, smollm2_dir) -> str:
+    """Base URL of SmolLM2-135M-Instruct, full cache (the shipped model, converted once by smollm2_dir)."""
+    from serve.config import ServeArgs
+
+    small = {**SMALL, "replica_cpus": 0.5, "torch_threads": 2}
+    return _add_app(serve_urls, "smol", ServeArgs(model="smollm2-135m", name="smollm2", **small))
