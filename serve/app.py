@@ -4,11 +4,13 @@
     serve run serve.app:build model=runs:/<run_id>/model prefixkv=<run_id> keep_ratio=0.5
     # 2. on a cluster, from a config file:
     serve deploy configs/serve.yaml
-    # 3. from Python (the demo), or as a script that blocks until Ctrl-C:
-    python -m serve.app --model artifacts/tiny --port 8000 --kv-precision kv_precision.json
+    # 3. as a script that blocks until Ctrl-C, from flags or from the same config file (its
+    #    applications are built here first; a bad one exits 2 naming it, a failed deploy exits 1):
+    python -m serve.app --model smollm2-135m --port 8000 --kv-precision kv_precision.json
+    python -m serve.app --config configs/serve.yaml --port 8001
 
-    curl -s 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \
-         -d '{"model": "calibray-tiny", "prompt": "The ", "max_tokens": 16}'
+    curl -s 127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \
+         -d '{"model": "calibray-smollm2-135m", "messages": [{"role": "user", "content": "Hi"}]}'
 
 The builder validates every argument and resolves the calibrated configs on the driver, so a
 bad model address or config id fails here, naming the argument, before any replica starts.
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 from ray import serve
 from ray.serve import Application
@@ -74,14 +78,83 @@ def start(
     args: ServeArgs | dict, host: str = "127.0.0.1", port: int = 8000, name: str = "calibray", route_prefix: str = "/"
 ) -> str:
     """Start Serve (proxy on host:port) in the current Ray cluster and deploy; returns the base URL."""
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build(args), name=name, route_prefix=route_prefix)
-    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    url = deploy({"host": host, "port": port}, [(name, route_prefix, build(args))])
+    return f"{url}{route_prefix.rstrip('/')}"
+
+
+def load_config(path: str, host: str | None = None, port: int | None = None) -> tuple[dict, list[tuple]]:
+    """A `serve deploy` config file -> (http_options, [(name, route_prefix, Application)]), every
+    application built here on the driver: a bad file, field or argument fails before Serve starts.
+    host/port, when given, override the file's http_options."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not YAML ({' '.join(str(e).split())})") from None
+    try:
+        schema = ServeDeploySchema.model_validate(doc)
+    except ValueError as e:
+        raise ValueError(f"--config {path}: not a Serve config: {e}") from None
+    # Serve's own default host is 0.0.0.0; ours is loopback unless the file or the flag says otherwise.
+    http = {
+        "host": "127.0.0.1",
+        "port": 8000,
+        **schema.http_options.model_dump(include={"host", "port"}, exclude_unset=True),
+    }
+    http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    apps = []
+    for app in schema.applications:
+        if app.import_path != "serve.app:build":
+            raise ValueError(
+                f"--config {path}: application {app.name!r} imports {app.import_path!r}, not serve.app:build"
+            )
+        try:
+            apps.append((app.name, app.route_prefix, build(app.args)))
+        except (ValueError, OSError) as e:  # ServeArgs, CalibrationError, CheckpointError: name the app
+            raise ValueError(f"--config {path}: application {app.name!r}: {e}") from None
+    return http, apps
+
+
+def deploy(http: dict, apps: list[tuple]) -> str:
+    """Start Serve's proxy on http's host:port and run each application; -> base URL. Raises
+    DeployError (with Serve's message) when an application fails to start."""
+    serve.start(http_options=http)
+    for name, route_prefix, app in apps:
+        try:
+            serve.run(app, name=name, route_prefix=route_prefix)
+        except RuntimeError as e:
+            raise DeployError(f"application {name!r} failed to deploy: {' '.join(str(e).split())}") from None
+    return f"http://{http['host']}:{http['port']}"
+
+
+class DeployError(RuntimeError):
+    """An application that built on the driver failed in Serve (a replica's constructor raised)."""
+
+
+def _watch(names: list[str], period_s: float = 5.0) -> None:
+    """Block until Ctrl-C; exit 1 if an application stops being healthy (a replica cannot restart)."""
+    from ray.serve.schema import ApplicationStatus
+
+    while True:
+        time.sleep(period_s)
+        status = serve.status().applications
+        for name in names:
+            st = status.get(name)
+            if st is None or st.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+                why = " ".join((st.message if st else "was deleted").split())
+                print(
+                    f"serve.app: error: application {name!r} is {st.status if st else 'gone'}: {why}", file=sys.stderr
+                )
+                raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="runs:/<run_id>/model, a checkpoint directory, or hf:<dir>")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", default=None, help="a `serve deploy` config file (configs/serve.yaml)")
+    src.add_argument("--model", default=None, help="runs:/<run_id>/model, a checkpoint directory, or hf:<dir>")
     p.add_argument("--name", default=None, help="served model id (default: derived from --model)")
     p.add_argument("--indexcache", default=None, help="indexcache.json path or MLflow run id")
     p.add_argument("--pattern", default=None, help="explicit IndexCache F/S pattern")
@@ -93,32 +166,45 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-replicas", type=int, default=1, help="model replicas")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per model replica")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP proxy host (loopback by default)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP proxy port")
+    p.add_argument("--host", default=None, help="HTTP proxy host (default 127.0.0.1, or the config's)")
+    p.add_argument("--port", type=int, default=None, help="HTTP proxy port (default 8000, or the config's)")
     a = p.parse_args(argv)
-    args = ServeArgs(
-        model=a.model,
-        name=a.name,
-        indexcache=a.indexcache,
-        pattern=a.pattern,
-        retention=a.retention,
-        kv_precision=a.kv_precision,
-        kv_budget=a.kv_budget,
-        prefixkv=a.prefixkv,
-        keep_ratio=a.keep_ratio,
-        num_replicas=a.num_replicas,
-        max_batch_size=a.max_batch_size,
-        replica_cpus=a.replica_cpus,
-    )
-    import ray
+    if a.port is not None and not 0 < a.port < 65536:
+        raise ValueError(f"--port {a.port}: must be in 1..65535")
+    if a.config is not None:
+        http, apps = load_config(a.config, a.host, a.port)
+    else:
+        args = ServeArgs(
+            model=a.model,
+            name=a.name,
+            indexcache=a.indexcache,
+            pattern=a.pattern,
+            retention=a.retention,
+            kv_precision=a.kv_precision,
+            kv_budget=a.kv_budget,
+            prefixkv=a.prefixkv,
+            keep_ratio=a.keep_ratio,
+            num_replicas=a.num_replicas,
+            max_batch_size=a.max_batch_size,
+            replica_cpus=a.replica_cpus,
+        )
+        http = {"host": a.host or "127.0.0.1", "port": a.port or 8000}
+        apps = [("calibray", "/", build(args))]
+    import ray  # only now: every application built, so bad input never waits for a cluster
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
-    url = start(args, a.host, a.port)
-    print(f"serving {args.served_name()} at {url}/v1/completions (Ctrl-C to stop)", flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        url = deploy(http, apps)
+        for name, route_prefix, _ in apps:
+            base = f"{url}{(route_prefix or '/').rstrip('/')}"
+            print(f"serving {name!r} at {base}/v1/chat/completions and {base}/v1/completions", flush=True)
+        print("Ctrl-C to stop", flush=True)
+        _watch([name for name, _, _ in apps])
+    except DeployError as e:
+        print(f"serve.app: error: {e}", file=sys.stderr)
+        serve.shutdown()
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # also while deploying: stop what started, no traceback
         serve.shutdown()
 
 

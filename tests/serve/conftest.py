@@ -4,11 +4,9 @@ real Ray Serve instance (HTTP proxy on 127.0.0.1) with a full-cache and a calibr
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import pytest
-import requests
+from serve_util import free_port, wait_ready
 
 
 @pytest.fixture(scope="session")
@@ -55,24 +53,6 @@ def calib_files(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, timeout: float = 120.0) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            if requests.get(f"{url}/v1/models", timeout=10).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not become ready in {timeout}s")
-
-
 SMALL = dict(replica_cpus=0.25, ingress_cpus=0.05, torch_threads=1, max_tokens_limit=32, health_check_period_s=1.0)
 
 
@@ -84,7 +64,7 @@ def serve_urls(ray_local, tiny_checkpoint, calib_files):
     from serve.app import build
     from serve.config import ServeArgs
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     full = ServeArgs(model=str(tiny_checkpoint), name="tiny", num_replicas=2, **SMALL)

@@ -4,21 +4,32 @@
 from __future__ import annotations
 
 import json
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from pydantic import ValidationError
+from ray import serve
 from ray.serve import Application
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
+from serve_util import free_port
 
-from serve.app import build
+from serve.app import DeployError, build, deploy
 from serve.calibration import CalibrationError
 from serve.config import ServeArgs
 from workers.model.checkpoint import CheckpointError
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "serve.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "serve.yaml"
 
 
 def test_deploy_config_is_a_valid_serve_config_with_valid_args():
@@ -77,3 +88,73 @@ def test_indexcache_on_a_model_without_indexer_is_refused(tiny_dense_checkpoint,
     args = {"model": str(tiny_dense_checkpoint), "indexcache": calib_files["indexcache"], "retention": "0.5"}
     with pytest.raises(CalibrationError, match="indexer"):
         call_user_app_builder_with_args_if_necessary(build, args)
+
+
+# -- python -m serve.app --config: the deploy file, run locally with its host and port ---------------
+
+
+def _config(path: Path, model: str, port: int | None = None) -> Path:
+    doc = {"applications": [{"name": "one", "route_prefix": "/", "import_path": "serve.app:build"}]}
+    doc["applications"][0]["args"] = {"model": model, "name": "tiny", **SMALL_ARGS}
+    if port is not None:
+        doc["http_options"] = {"host": "127.0.0.1", "port": port}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+SMALL_ARGS = {"replica_cpus": 0.25, "ingress_cpus": 0.05, "torch_threads": 1, "max_tokens_limit": 16}
+
+
+def _serve_app(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serve.app", *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def test_config_with_a_bad_application_exits_2_naming_it(tmp_path):
+    cfg = _config(tmp_path / "serve.yaml", "/no/such/checkpoint")
+    r = _serve_app("--config", str(cfg))
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "application 'one'" in line and "/no/such/checkpoint" in line and str(cfg) in line
+    r = _serve_app("--config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "missing.yaml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_runs_on_the_port_given_on_the_command_line(tmp_path, tiny_checkpoint):
+    port = free_port()
+    cfg = _config(tmp_path / "serve.yaml", str(tiny_checkpoint), port=free_port())  # the flag wins
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.app", "--config", str(cfg), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    try:
+        # The process says where it serves once every application is running.
+        deadline, line = time.monotonic() + 180, ""
+        while "serving" not in line:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+        assert f"http://127.0.0.1:{port}/v1/chat/completions" in line
+        body = {"model": "tiny", "prompt": "The ", "max_tokens": 4}
+        r = requests.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    assert proc.returncode == 0
+
+
+def test_an_application_that_fails_to_start_is_a_deploy_error(ray_local, serve_urls, tiny_checkpoint, tmp_path):
+    # Built on the driver (config and tokenizer are fine), then every replica fails loading the weights.
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    app = build(ServeArgs(model=str(broken), name="broken", **SMALL_ARGS))
+    with pytest.raises(DeployError, match="'broken' failed to deploy"):
+        deploy({"host": "127.0.0.1", "port": 8000}, [("broken", "/broken", app)])
+    serve.delete("broken")
