@@ -42,7 +42,11 @@ def build(args: ServeArgs) -> Application:
     cal = resolve(args, info.n_layers)
     if cal.pattern is not None and not info.has_indexer:
         raise CalibrationError(f"indexcache/pattern: model={args.model!r} has no DSA indexer to share")
-    engine = {"max_batch_size": args.max_batch_size, "batch_wait_s": args.batch_wait_s}
+    engine = {
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_s": args.batch_wait_s,
+        "kv_cache_bytes": args.kv_cache_bytes,
+    }
     if args.max_context is not None:
         engine["max_context"] = args.max_context
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI",) if k in os.environ}
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-replicas", type=int, default=1, help="model replicas")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per model replica")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV-cache bytes per replica (admission bound)")
     p.add_argument("--host", default=None, help="HTTP proxy host (default 127.0.0.1, or the config's)")
     p.add_argument("--port", type=int, default=None, help="HTTP proxy port (default 8000, or the config's)")
     a = p.parse_args(argv)
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             num_replicas=a.num_replicas,
             max_batch_size=a.max_batch_size,
             replica_cpus=a.replica_cpus,
+            kv_cache_bytes=a.kv_cache_bytes,
         )
         http = {"host": a.host or "127.0.0.1", "port": a.port or 8000}
         apps = [("calibray", "/", build(args))]

@@ -6,7 +6,9 @@ decode step for every active request as one batch (``BatchCache`` stacks their c
 request that finishes leaves the batch at once and a waiting one takes its place, so
 throughput grows with concurrency while each request's text depends only on its own seed.
 The model runs in a worker thread, so the replica's event loop keeps answering health checks
-and accepting requests during a step.
+and accepting requests during a step. With ``kv_cache_bytes`` set, admission is also bounded by
+KV-cache memory: each request reserves the bytes its cache holds at prompt + max_tokens tokens
+(serve.admission) and is admitted, in arrival order, when that fits beside the running requests.
 
 Events a request receives: with ``prompt_logprobs``, first ``{"type": "prompt_logprobs", "logprobs":
 [[logprob, top], ...]}`` for prompt tokens 1.. (token 0 has no context); then
@@ -40,6 +42,7 @@ class EngineConfig:
     batch_wait_s: float = 0.002  # when idle, wait this long for companions before the first step
     max_context: int = 512  # prompt + generated tokens per request
     max_consecutive_failures: int = 3  # steps failing in a row before the replica reports unhealthy
+    kv_cache_bytes: int | None = None  # KV-cache bytes the running requests may hold together (None: no bound)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -48,6 +51,8 @@ class EngineConfig:
             raise ValueError(f"batch_wait_s={self.batch_wait_s!r}: must be >= 0")
         if self.max_context < 2:
             raise ValueError(f"max_context={self.max_context!r}: must be >= 2")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes!r}: must be >= 1 (or None for no bound)")
 
 
 @dataclass
@@ -74,6 +79,7 @@ class _Seq:
     next_pos: int = 0
     generated: int = 0
     peak_kv_bytes: int = 0
+    reserved: int = 0  # KV-cache bytes held for this request while it is active
     cancelled: bool = False
     ended: bool = False  # generated an end-of-sequence token
     counts: Counter = field(default_factory=Counter)  # generated tokens, for the penalties
@@ -86,6 +92,8 @@ class Engine:
     model: CalibLM-like (``forward(tokens [B,T], positions=, cache=, pattern=, observer=)``).
     cache_factory: () -> new empty cache for one request (the KV-cache protocol).
     token_bytes: token id -> bytes of its text (the tokenizer's ``token_bytes``; b"" for special tokens).
+    reserve: n tokens -> KV-cache bytes one request holds at n tokens (serve.admission.KVReservations);
+        required with ``config.kv_cache_bytes``.
     """
 
     def __init__(
@@ -95,12 +103,16 @@ class Engine:
         token_bytes: Callable[[int], bytes],
         config: EngineConfig,
         pattern: str | None = None,
+        reserve: Callable[[int], int] | None = None,
     ) -> None:
+        if config.kv_cache_bytes is not None and reserve is None:
+            raise ValueError("EngineConfig.kv_cache_bytes needs reserve= (the bytes a request's cache holds)")
         self.model = model.eval()
         self.cache_factory = cache_factory
         self.token_bytes = token_bytes
         self.config = config
         self.pattern = pattern
+        self.reserve = reserve
         self.device = next(model.parameters()).device
         self._waiting: list[_Seq] = []
         self._active: list[_Seq] = []
@@ -109,16 +121,33 @@ class Engine:
         self._failures = 0
         self.steps = 0  # decode steps run, and the batch sizes they had (for stats)
         self.batch_tokens = 0
+        self.peak_active = 0  # most requests decoded together so far
 
     # -- public ---------------------------------------------------------------------------------
+    async def kv_reservation(self, n_tokens: int) -> int:
+        """Bytes a request of n_tokens (prompt + max_tokens) reserves; 0 without a KV budget."""
+        if self.config.kv_cache_bytes is None:
+            return 0
+        return await asyncio.to_thread(self.reserve, n_tokens)  # the first of a length bucket builds a cache
+
     async def generate(self, req: GenRequest) -> AsyncIterator[dict]:
-        if len(req.prompt_ids) + req.max_tokens > self.config.max_context:
+        """Raises ValueError (before queueing) for a request that can never run: longer than the context,
+        or needing more KV-cache bytes than the whole budget."""
+        n = len(req.prompt_ids) + req.max_tokens
+        if n > self.config.max_context:
             raise ValueError(
                 f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
                 f"the context of {self.config.max_context} tokens"
             )
+        reserved = await self.kv_reservation(n)
+        if self.config.kv_cache_bytes is not None and reserved > self.config.kv_cache_bytes:
+            raise ValueError(
+                f"prompt + max_tokens ({n} tokens) needs {reserved} bytes of KV cache; this replica's "
+                f"budget is {self.config.kv_cache_bytes} bytes"
+            )
         self._ensure_loop()
         seq = _Seq(req, self.cache_factory(), make_generator(req.seed), TextStream(req.stop), asyncio.Queue())
+        seq.reserved = reserved
         self._waiting.append(seq)
         self._wake.set()
         try:
@@ -142,6 +171,9 @@ class Engine:
             "waiting": len(self._waiting),
             "decode_steps": self.steps,
             "mean_decode_batch": self.batch_tokens / max(self.steps, 1),
+            "peak_active": self.peak_active,
+            "kv_reserved_bytes": sum(s.reserved for s in self._active),
+            "kv_cache_bytes": self.config.kv_cache_bytes,
         }
 
     # -- the step loop ----------------------------------------------------------------------------
@@ -160,12 +192,12 @@ class Engine:
                 if self.config.batch_wait_s > 0 and self.config.max_batch_size > 1:
                     await asyncio.sleep(self.config.batch_wait_s)
                 continue
-            room = self.config.max_batch_size - len(self._active)
-            admitted, self._waiting = self._waiting[:room], self._waiting[room:]
+            admitted = self._admit()
             # New prompts are prefilled together (right-padded), in groups of similar length.
             for group in self._prefill_groups(admitted):
                 if await self._run_step(self._prefill, group):
                     self._active.extend(group)
+            self.peak_active = max(self.peak_active, len(self._active))
             self._active = [s for s in self._active if not self._finish_if_done(s)]
             # Requests admitted this round already got their first token from the prefill.
             batch = [s for s in self._active if s not in admitted]
@@ -173,6 +205,20 @@ class Engine:
                 await self._run_step(self._decode, batch)
             self._active = [s for s in self._active if not self._finish_if_done(s)]
             await asyncio.sleep(0)
+
+    def _admit(self) -> list[_Seq]:
+        """Take waiting requests, in arrival order, while a batch slot and their KV reservation fit."""
+        room = self.config.max_batch_size - len(self._active)
+        budget = self.config.kv_cache_bytes
+        held = sum(s.reserved for s in self._active)
+        n = 0
+        for s in self._waiting[:room]:
+            if budget is not None and held + s.reserved > budget:
+                break
+            held += s.reserved
+            n += 1
+        admitted, self._waiting = self._waiting[:n], self._waiting[n:]
+        return admitted
 
     async def _run_step(self, fn, seqs: list[_Seq]) -> bool:
         try:

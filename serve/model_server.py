@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from ray import serve
 
+from serve.admission import KVReservations, KVShape
 from serve.caches import cache_factory
 from serve.calibration import Calibration
 from serve.engine import Engine, EngineConfig, GenRequest
@@ -101,8 +102,15 @@ class ModelServer:
         self.cal = Calibration.from_dict(calibration)
         cfg = self.model.cfg  # ModelConfig, or HFConfigView for hf: models
         engine_cfg = EngineConfig(**{"max_context": cfg.max_seq_len, **engine})
+        make_cache = cache_factory(cfg, self.cal)
+        dtype = next(self.model.parameters()).dtype
         self.engine = Engine(
-            self.model, cache_factory(cfg, self.cal), self.tokenizer.token_bytes, engine_cfg, pattern=self.cal.pattern
+            self.model,
+            make_cache,
+            self.tokenizer.token_bytes,
+            engine_cfg,
+            pattern=self.cal.pattern,
+            reserve=KVReservations(make_cache, KVShape.of(cfg, dtype)),
         )
         self.name = served_name
         self.max_tokens_limit = max_tokens_limit
@@ -153,11 +161,25 @@ class ModelServer:
             )
         return max_tokens, None
 
+    async def _check_kv(self, n_tokens: int) -> dict | None:
+        """A request whose KV cache alone exceeds the replica's KV budget can never be admitted."""
+        budget = self.engine.config.kv_cache_bytes
+        need = await self.engine.kv_reservation(n_tokens)
+        if budget is not None and need > budget:
+            return _bad(
+                "max_tokens",
+                f"prompt + max_tokens ({n_tokens} tokens) needs {need} bytes of KV cache; "
+                f"this deployment's budget is {budget} bytes per replica",
+            )
+        return None
+
     async def generate(self, body: dict) -> AsyncIterator[dict]:
         """body: one prompt of a validated request (serve.ingress). Yields events (see module docstring)."""
         ids, err = self._prompt_ids(body)
         if err is None:
             max_tokens, err = self._check(ids, body)
+        if err is None:
+            err = await self._check_kv(len(ids) + max_tokens)
         if err is not None:
             yield err
             return

@@ -124,6 +124,26 @@ def test_calibrated_deployment_holds_fewer_kv_bytes(serve_urls):
     assert cal["kv_cache_bytes"] < 0.6 * full["kv_cache_bytes"]
 
 
+def test_a_kv_budget_refuses_what_can_never_fit_and_serves_the_rest(serve_urls, tiny_checkpoint, tiny_model):
+    import torch
+    from conftest import SMALL, _add_app
+
+    from serve.admission import KVReservations, KVShape
+    from serve.config import ServeArgs
+    from workers.caches.protocol import DynamicCache
+
+    L = tiny_model.cfg.n_layers
+    budget = KVReservations(lambda: DynamicCache(L), KVShape.of(tiny_model.cfg, torch.float32))(48)
+    url = _add_app(
+        serve_urls, "kvb", ServeArgs(model=str(tiny_checkpoint), name="tiny", kv_cache_bytes=budget, **SMALL)
+    )
+    r = post(url, {**GOOD, "prompt": "x" * 40, "max_tokens": 30})  # 70 tokens: more than the budget holds
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert f"budget is {budget} bytes" in r.json()["error"]["message"]
+    ok = post(url, GOOD)
+    assert ok.status_code == 200 and ok.json()["usage"]["kv_cache_bytes"] <= budget
+
+
 def _replica_actors(app: str) -> list[str]:
     """Names of the live Model replica actors of one app (Serve names them SERVE_REPLICA::app#Model#id)."""
     import ray
