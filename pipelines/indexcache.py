@@ -169,20 +169,23 @@ def is_hf_model(address: str) -> bool:
     return is_hf_address(address) or is_hf_config(read_config(address))
 
 
-def check_model(address: str) -> None:
-    """Refuse, from the config alone (no weights, before Ray starts), a model IndexCache cannot search."""
+def check_model(address: str) -> int:
+    """Refuse, from the config alone (no weights, before Ray starts), a model IndexCache cannot search;
+    -> the model's longest context."""
     if is_hf_model(address):
         from transformers import AutoConfig
 
         from workers.model.hf.dsa import check_dsa_config
 
-        check_dsa_config(AutoConfig.from_pretrained(config_file(address).parent, local_files_only=True), address)
-        return
+        c = AutoConfig.from_pretrained(config_file(address).parent, local_files_only=True)
+        check_dsa_config(c, address)
+        return c.max_position_embeddings
     c = checkpoint.load_config(address)
     if c.indexer is None:
         raise ValueError(f"model={address!r} has no lightning indexer: IndexCache needs a DSA model")
     if c.n_layers < 2:
         raise ValueError(f"model={address!r} has {c.n_layers} layer(s): nothing to search")
+    return c.max_seq_len
 
 
 def load_model(address: str):
@@ -225,15 +228,15 @@ def run(
     """Run (or resume) a search and its reports in one MLflow run; returns the summary."""
     from workers.indexcache.report import report
 
-    check_model(cfg.model)
+    max_seq_len = check_model(cfg.model)
     if cfg.distill_steps and is_hf_model(cfg.model):
         raise ValueError(f"distill_steps={cfg.distill_steps}: the training-aware variant trains CalibLM indexers only")
+    seq_len = cfg.seq_len or max_seq_len
+    if seq_len > max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={max_seq_len}")
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model)
-    seq_len = cfg.seq_len or model.cfg.max_seq_len
-    if seq_len > model.cfg.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     data = load_data(cfg, seq_len, tokenizer)
+    model = load_model(cfg.model)
     n = model.cfg.n_layers
     if state is not None:
         check_compatible(state, n, cfg.retentions, cfg.mode)
