@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import torch
 
-from pipelines import indexcache, kvtuner, prefixkv
+from pipelines import indexcache, indexcache_export, kvtuner, prefixkv
 from pipelines.indexcache import IndexCacheConfig, SearchStopped, load_data, load_model, main, resume_config, run
 from tuning.indexcache.patterns import indexer_fraction_removed
 from tuning.indexcache.search import SearchState, greedy_search
@@ -68,6 +68,13 @@ def test_search_on_a_tiny_glm_moe_dsa_end_to_end(ray_local, mlflow_uri, tiny_dsa
         assert _nll(plain, data.calib).mean().item() == pytest.approx(searched["calib_nll"], rel=1e-9)
         assert _nll(plain, data.heldout).mean().item() == pytest.approx(searched["heldout_nll"], rel=1e-9)
     assert doc["all_f"]["calib_nll"] != doc["patterns"]["0.25"]["searched"]["calib_nll"]
+    # the export command writes the same pattern into a directory plain transformers loads as is
+    out = indexcache_export.main(
+        ["--model", f"hf:{src}", "--run", summary["run_id"], "--retention", "0.25", "--out", str(tmp_path / "x")]
+    )
+    plain = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert plain.config.index_topk_pattern == doc["patterns"]["0.25"]["searched"]["pattern"]
+    assert _nll(plain, data.calib).mean().item() == pytest.approx(doc["patterns"]["0.25"]["searched"]["calib_nll"])
 
 
 def test_deepseek_v32_search_stops_and_resumes_to_the_in_process_search(ray_local, mlflow_uri, tiny_dsa_dirs):
@@ -122,6 +129,17 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(capsys, mlflow_uri, ti
     assert "seq_len=4096 exceeds the model's max_seq_len=128" in _cli(
         capsys, main, ["--model", glm, *ARGS, "--seq-len", "4096"]
     )
+    out = tmp_path / "exported"
+    for bad, msg in {
+        "SFFFFF": "pattern='SFFFFF': must start with 'F' (layer 0 always runs its indexer)",
+        "FSF": "pattern='FSF': has 3 layers, the model has 6",
+        "FSXSFS": "pattern='FSXSFS': has characters ['X']; only 'F' and 'S' are allowed",
+    }.items():
+        assert msg in _cli(capsys, indexcache_export.main, ["--model", glm, "--pattern", bad, "--out", str(out)])
+    ds = f"hf:{tiny_dsa_dirs['deepseek_v32']}"
+    err = _cli(capsys, indexcache_export.main, ["--model", ds, "--pattern", "FSFSFS", "--out", str(out)])
+    assert "model_type='deepseek_v32': only glm_moe_dsa configs carry an F/S pattern" in err
+    assert not out.exists()
     # both are MLA models: the KV-cache methods refuse them, naming the type
     for kind, path in tiny_dsa_dirs.items():
         msg = f"KV-cache methods need per-head K/V; {kind} caches compressed latents (MLA)"
