@@ -47,6 +47,8 @@ def test_search_on_a_tiny_glm_moe_dsa_end_to_end(ray_local, mlflow_uri, tiny_dsa
     assert params["model_type"] == "glm_moe_dsa" and params["n_layers"] == "6" and params["topk"] == "8"
     assert params["tokenizer"] == f"hf:{src}" and params["multi_fidelity"] == "True"
     assert metrics["search/total_layer_forwards"] == metrics["search/analytic_layer_forwards"]
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/indexcache/retentions.json"))
+    assert "heldout_bits_per_token" in table["columns"] and "heldout_bpb" not in table["columns"]  # BPE, not bytes
     doc = json.loads(mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/indexcache.json"))
     cfg = IndexCacheConfig.from_json(mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/search/config.json"))
     data = load_data(cfg, 64, load_tokenizer(cfg.model))
