@@ -3,6 +3,7 @@
     python -m pipelines.indexcache --model runs:/<run_id>/model --retention 0.5 0.25 0.125 --workers 2
     python -m pipelines.indexcache --model artifacts/demo_model --retention 0.25 --multi-fidelity
     python -m pipelines.indexcache --model artifacts/demo_model --retention 0.25 --naive   # no prefix reuse
+    python -m pipelines.indexcache --model hf:<glm_moe_dsa or deepseek_v32 dir> --seq-len 4096 --retention 0.25
     python -m pipelines.indexcache --resume <run_id>                  # continue a stopped search
     python -m pipelines.indexcache --model ... --retention 0.25 --distill-steps 100
     ray job submit --working-dir . -- python -m pipelines.indexcache --model runs:/<run_id>/model
@@ -13,6 +14,11 @@ per retention the calibration and held-out NLL of the searched pattern, the unif
 interleave and all-F (paired over held-out windows, with standard errors), the indexer
 work removed, the per-step trace, the top-k overlap matrix (table + heatmap) and
 indexcache.json with the patterns for serving.
+
+The model is a CalibLM with an indexer or a transformers DSA checkpoint (`glm_moe_dsa`,
+`deepseek_v32`; `workers.model.hf.dsa`), searched by the same code; windows are in the model's
+own tokens. For glm_moe_dsa every retention's searched pattern is also logged as a config.json
+(`index_topk_pattern`) that plain transformers loads beside the checkpoint's weights.
 """
 
 from __future__ import annotations
@@ -32,15 +38,19 @@ from tuning.indexcache.cost import analytic_units, naive_units
 from tuning.indexcache.fidelity import EXACT, FidelityConfig
 from tuning.indexcache.search import SearchState, StepRecord, check_compatible, greedy_search, trace_rows
 from workers.data.corpus import SplitConfig, load_corpus
+from workers.data.tokenizer import Tokenizer
 from workers.indexcache.actor import CalibrationPool
+from workers.indexcache.hf_export import glm_config
 from workers.indexcache.report import log_rows
 from workers.model import checkpoint
+from workers.model.hf.address import ADDRESS_HELP, config_file, is_hf_address, is_hf_config, load_tokenizer, read_config
 from workers.runtime import cli, tracking
 from workers.runtime.cluster import init_ray
 
 log = logging.getLogger("pipelines.indexcache")
 STATE_ARTIFACT = "search/state.json"
 CONFIG_ARTIFACT = "search/config.json"
+GLM_CONFIG_ARTIFACT = "indexcache/glm_config/r{retention}/config.json"
 
 
 class SearchStopped(RuntimeError):
@@ -135,26 +145,57 @@ class Data:
     summary: dict
 
 
-def load_data(cfg: IndexCacheConfig, seq_len: int) -> Data:
-    """Disjoint calibration / held-out / train windows of seq_len + 1 bytes (inputs + next token)."""
+def load_data(cfg: IndexCacheConfig, seq_len: int, tokenizer: Tokenizer) -> Data:
+    """Disjoint calibration / held-out / train windows of seq_len + 1 tokens (inputs + next token)."""
     corpus = load_corpus(cfg.corpus, SplitConfig(seed=cfg.split_seed))
-    calib = corpus.eval_windows("calib", seq_len + 1, cfg.calib_windows)
-    heldout = corpus.eval_windows("heldout", seq_len + 1, cfg.heldout_windows)
+    calib = corpus.eval_windows("calib", seq_len + 1, cfg.calib_windows, tokenizer)
+    heldout = corpus.eval_windows("heldout", seq_len + 1, cfg.heldout_windows, tokenizer)
     if calib.shape[0] < cfg.calib_windows:
         raise ValueError(f"calib_windows={cfg.calib_windows}: the calib split holds only {calib.shape[0]}")
+    if heldout.shape[0] < 2:
+        raise ValueError(f"seq_len={seq_len}: the held-out split holds {heldout.shape[0]} window(s), reports need 2")
     g = torch.Generator().manual_seed(cfg.split_seed)
-    train = corpus.sample_windows("train", seq_len + 1, max(256, 4 * cfg.distill_batch), g)
-    summary = {**corpus.summary(), "calib_windows": calib.shape[0], "heldout_windows": heldout.shape[0]}
+    train = corpus.sample_windows("train", seq_len + 1, max(256, 4 * cfg.distill_batch), g, tokenizer)
+    summary = {
+        **corpus.summary(),
+        "tokenizer": tokenizer.name,
+        "calib_windows": calib.shape[0],
+        "heldout_windows": heldout.shape[0],
+    }
     return Data(calib, heldout, train, summary)
 
 
-def load_model(address: str):
-    model = checkpoint.load(address)
-    if model.cfg.indexer is None:
+def is_hf_model(address: str) -> bool:
+    return is_hf_address(address) or is_hf_config(read_config(address))
+
+
+def check_model(address: str) -> int:
+    """Refuse, from the config alone (no weights, before Ray starts), a model IndexCache cannot search;
+    -> the model's longest context."""
+    if is_hf_model(address):
+        from transformers import AutoConfig
+
+        from workers.model.hf.dsa import check_dsa_config
+
+        c = AutoConfig.from_pretrained(config_file(address).parent, local_files_only=True)
+        check_dsa_config(c, address)
+        return c.max_position_embeddings
+    c = checkpoint.load_config(address)
+    if c.indexer is None:
         raise ValueError(f"model={address!r} has no lightning indexer: IndexCache needs a DSA model")
-    if model.cfg.n_layers < 2:
-        raise ValueError(f"model={address!r} has {model.cfg.n_layers} layer(s): nothing to search")
-    return model
+    if c.n_layers < 2:
+        raise ValueError(f"model={address!r} has {c.n_layers} layer(s): nothing to search")
+    return c.max_seq_len
+
+
+def load_model(address: str):
+    """A CalibLM with an indexer, or a transformers DSA checkpoint behind the same API (DSAModel)."""
+    check_model(address)
+    if is_hf_model(address):
+        from workers.model.hf.dsa import load_dsa
+
+        return load_dsa(address)
+    return checkpoint.load(address)
 
 
 def resume_config(run_id: str, **overrides) -> tuple[IndexCacheConfig, SearchState]:
@@ -187,11 +228,15 @@ def run(
     """Run (or resume) a search and its reports in one MLflow run; returns the summary."""
     from workers.indexcache.report import report
 
+    max_seq_len = check_model(cfg.model)
+    if cfg.distill_steps and is_hf_model(cfg.model):
+        raise ValueError(f"distill_steps={cfg.distill_steps}: the training-aware variant trains CalibLM indexers only")
+    seq_len = cfg.seq_len or max_seq_len
+    if seq_len > max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={max_seq_len}")
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_data(cfg, seq_len, tokenizer)
     model = load_model(cfg.model)
-    seq_len = cfg.seq_len or model.cfg.max_seq_len
-    if seq_len > model.cfg.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
-    data = load_data(cfg, seq_len)
     n = model.cfg.n_layers
     if state is not None:
         check_compatible(state, n, cfg.retentions, cfg.mode)
@@ -199,7 +244,8 @@ def run(
         state = SearchState(n, cfg.retentions, mode=cfg.mode, fidelity=cfg.fidelity())
     init_ray()
     params = {**{k: v for k, v in asdict(cfg).items() if k != "tags"}, "n_layers": n, "seq_len_resolved": seq_len}
-    params.update({"topk": model.cfg.indexer.topk, **data.summary})
+    params.update({"topk": model.cfg.indexer.topk, "model_type": getattr(model.cfg, "model_type", "calib")})
+    params.update(data.summary)
     with tracking.start_run(
         "indexcache",
         experiment=cfg.experiment,
@@ -258,9 +304,21 @@ def run(
             log_rows(trace_rows(state), "indexcache/trace.json")
             summary = report(cfg, model, data, state, pool)
             summary.update({"run_id": run_id, "cost": cost, "pattern": state.pattern})
+            if getattr(model.cfg, "model_type", None) == "glm_moe_dsa":
+                summary["glm_configs"] = log_glm_configs(read_config(cfg.model), summary["retentions"])
             return summary
         finally:
             pool.shutdown()
+
+
+def log_glm_configs(config: dict, retentions: list[dict]) -> dict[float, str]:
+    """Log the checkpoint's config.json with each retention's searched pattern; -> {retention: artifact}."""
+    out = {}
+    for entry in retentions:
+        path = GLM_CONFIG_ARTIFACT.format(retention=entry["retention"])
+        mlflow.log_text(json.dumps(glm_config(config, entry["searched"]["pattern"]), indent=2), path)
+        out[entry["retention"]] = path
+    return out
 
 
 def _run_cli(cfg: IndexCacheConfig, **kw) -> dict:
@@ -272,7 +330,10 @@ def _run_cli(cfg: IndexCacheConfig, **kw) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="runs:/<run_id>/model or a checkpoint directory (a DSA model)")
+    p.add_argument(
+        "--model",
+        help=f"a DSA model: a CalibLM with an indexer, or a glm_moe_dsa / deepseek_v32 checkpoint; {ADDRESS_HELP}",
+    )
     p.add_argument(
         "--retention",
         type=float,
@@ -344,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
             experiment=a.experiment,
             **{k: v for k, v in runtime.items() if v is not None},
         )
-        checkpoint.resolve(cfg.model)  # a missing checkpoint fails here, before Ray starts
+        check_model(cfg.model)  # a missing or non-DSA checkpoint fails here, before Ray starts
         summary = _run_cli(cfg)
     print(json.dumps({k: summary[k] for k in ("run_id", "pattern", "cost", "retentions")}, indent=1, default=str))
     return summary

@@ -201,3 +201,50 @@ def chat_qwen3_dir(tmp_path_factory, corpus) -> Path:
     Qwen3ForCausalLM(cfg).save_pretrained(path)
     GenerationConfig(eos_token_id=2).save_pretrained(path)
     return path
+
+
+# Both DSA families at one tiny size: 6 layers (the search has choices), MLA with q/kv LoRA ranks,
+# MoE after one dense layer, an indexer of 2 heads x 16 keeping 8 keys: at the tests' 64-token
+# windows k/L = 1/8, so an S layer's reused top-k changes the logits.
+TINY_DSA = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    index_n_heads=2,
+    index_head_dim=16,
+    index_topk=8,
+    first_k_dense_replace=1,
+    max_position_embeddings=128,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_dsa_dirs(tmp_path_factory, bpe_tokenizer_dir) -> dict[str, Path]:
+    """{"glm_moe_dsa": dir, "deepseek_v32": dir}: seeded random TINY_DSA checkpoints (every layer
+    with its indexer), saved with save_pretrained beside the 512-id BPE tokenizer; `hf:<dir>` models."""
+    import shutil
+
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+
+    out = {}
+    for config, model in ((GlmMoeDsaConfig, GlmMoeDsaForCausalLM), (DeepseekV32Config, DeepseekV32ForCausalLM)):
+        path = tmp_path_factory.mktemp(config.model_type)
+        torch.manual_seed(0)
+        model(config(**TINY_DSA)).save_pretrained(path)
+        for f in bpe_tokenizer_dir.iterdir():
+            shutil.copy(f, path / f.name)
+        out[config.model_type] = path
+    return out

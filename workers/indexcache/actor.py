@@ -48,7 +48,7 @@ class CalibrationActor:
         return self.evaluator.pattern
 
     def indexer_calls(self) -> int:
-        return sum(int(layer.attn.indexer_calls) for layer in self.evaluator.model.layers)
+        return sum(self.evaluator.model.indexer_calls())
 
     def score_windows(self, windows: torch.Tensor, patterns: list[str], batch_size: int) -> dict[str, list]:
         model = self.evaluator.model

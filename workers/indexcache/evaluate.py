@@ -1,4 +1,7 @@
-"""Candidate evaluation for the IndexCache search on one calibration shard of a real CalibLM.
+"""Candidate evaluation for the IndexCache search on one calibration shard of a real model.
+
+The model is a CalibLM or a transformers DSA model behind the same layer-level API
+(`workers.model.hf.dsa.DSAModel`): embed, context, run_layers (index buffer in and out), head.
 
 Shape legend: R calibration windows in the shard, B rows per batch, T tokens per window
 (the model input; targets are the next T tokens), D model width, K top-k, N layers.
@@ -176,7 +179,7 @@ def topk_overlap(model, windows: torch.Tensor, batch_size: int = 8) -> tuple[tor
         for layer in range(n):
             h, buf, _, _ = model.run_layers(h, layer, layer + 1, ctx=ctx, pattern=pattern, index_buffer=buf)
             k = buf.shape[-1]
-            sel = buf[:, k:]  # [B, T - K, K]: drop forced positions
+            sel = buf[:, k:].long()  # [B, T - K, K]: drop forced positions (HF DSA models give int32)
             m = torch.zeros(b, t - k, t + 1, dtype=torch.bool)
             m.scatter_(-1, torch.where(sel < 0, t, sel), True)  # -1 padding lands in a dummy column
             masks.append(m[..., :t])

@@ -1,7 +1,8 @@
 """Reporting for the IndexCache search: paired held-out comparisons, tables, heatmap, JSON.
 
-All NLLs are mean next-token NLL in nats per byte (the tokenizer is bytes); bits per byte
-is nats / ln 2. Comparisons are paired over the same held-out windows: d_w = NLL_A(w) -
+All NLLs are mean next-token NLL in nats per token of the model's tokenizer: per byte for a
+CalibLM (its tokens are bytes; bits per byte = nats / ln 2), per BPE token for a transformers
+DSA checkpoint (the table then gives bits per token, never labelled per byte). Comparisons are paired over the same held-out windows: d_w = NLL_A(w) -
 NLL_B(w), reported as mean(d) and its standard error std(d) / sqrt(n) (`workers.stats`).
 """
 
@@ -37,8 +38,11 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> Paired:
     return Paired(*paired_difference(a.tolist(), b.tolist()), a.numel())
 
 
-def retention_rows(results: list[dict]) -> list[dict]:
-    """Flatten the per-retention results into table rows (one per retention and pattern kind)."""
+def retention_rows(results: list[dict], per_byte: bool = True) -> list[dict]:
+    """Flatten the per-retention results into table rows (one per retention and pattern kind).
+
+    per_byte: the tokens are bytes (CalibLM), so bits per token are bits per byte."""
+    bits = "heldout_bpb" if per_byte else "heldout_bits_per_token"
     rows = []
     for r in results:
         for kind in ("searched", "uniform", "all_f"):
@@ -51,7 +55,7 @@ def retention_rows(results: list[dict]) -> list[dict]:
                     "pattern": k["pattern"],
                     "calib_nll": k["calib_nll"],
                     "heldout_nll": k["heldout_nll"],
-                    "heldout_bpb": k["heldout_nll"] / LN2,
+                    bits: k["heldout_nll"] / LN2,
                     "delta_vs_all_f": k.get("delta_vs_all_f"),
                     "delta_vs_all_f_se": k.get("delta_vs_all_f_se"),
                     "indexer_work_removed": k["indexer_work_removed"],
@@ -176,7 +180,8 @@ def report(cfg, model, data, state, pool) -> dict:
                 metrics[f"r{r}/{kind}_{key}"] = entry[kind][key]
         metrics[f"r{r}/searched_minus_uniform"] = su.mean
         metrics[f"r{r}/searched_minus_uniform_se"] = su.se
-    log_rows(retention_rows(results), "indexcache/retentions.json")
+    per_byte = data.summary.get("tokenizer", "bytes") == "bytes"
+    log_rows(retention_rows(results, per_byte), "indexcache/retentions.json")
 
     overlap = None
     if cfg.overlap:

@@ -1,5 +1,6 @@
 """Hugging Face causal LMs behind CalibLM's forward/cache API: addresses (`address`), the
-transformers bridge (`bridge`) and the export of dense CalibLMs (`export`).
+transformers bridge (`bridge`), the export of dense CalibLMs (`export`) and the DSA models of
+IndexCache (`dsa`).
 
 What every module of the package shares lives here, so none of them imports another's
 heavy dependencies (transformers loads only when a bridge is built).
@@ -12,6 +13,8 @@ SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "qwen3_moe",
 # Multi-head latent attention: the cache holds one compressed latent per token, not per-head K/V,
 # so no KV-cache method of this project applies. Any config with `kv_lora_rank` is MLA as well.
 MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
+# MLA models with a DSA lightning indexer per layer: IndexCache runs on them (workers.model.hf.dsa).
+DSA_TYPES = ("glm_moe_dsa", "deepseek_v32")
 ATTN_IMPL = "calibray"
 
 
