@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retention", type=float, default=None, help="which IndexCache pattern to serve")
     p.add_argument("--kv-precision", default=None, help="kv_precision.json path or MLflow run id")
     p.add_argument("--kv-budget", type=float, default=None, help="which KVTuner map (equivalent bits)")
+    p.add_argument("--kv-prefill", choices=("full", "quantized"), default="full", help="prefill regime of the map")
     p.add_argument("--prefixkv", default=None, help="prefixkv.json path or MLflow run id")
     p.add_argument("--keep-ratio", type=float, default=None, help="PrefixKV keep ratio to serve")
     p.add_argument("--num-replicas", type=int, default=1, help="model replicas")
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             retention=a.retention,
             kv_precision=a.kv_precision,
             kv_budget=a.kv_budget,
+            kv_prefill=a.kv_prefill,
             prefixkv=a.prefixkv,
             keep_ratio=a.keep_ratio,
             num_replicas=a.num_replicas,

@@ -33,6 +33,7 @@ def composed_spec(cfg, cal: Calibration, score: ScoreConfig | None = None) -> Co
             mode=cal.kv["mode"],
             group=cal.kv["group"],
             residual=cal.kv["residual"],
+            prefill=cal.kv.get("prefill", "full"),
         )
     if cal.evict:
         kw.update(

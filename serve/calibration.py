@@ -29,7 +29,7 @@ class Calibration:
     """What a replica applies. pattern: F/S string; kv: per-layer precision; evict: per-layer keep."""
 
     pattern: str | None = None
-    kv: dict | None = None  # {"k_bits": [L], "v_bits": [L], "mode", "group", "residual"}
+    kv: dict | None = None  # {"k_bits": [L], "v_bits": [L], "mode", "group", "residual", "prefill"}
     evict: dict | None = None  # {"fractions": [L], "keep_ratio", "n_sink", "score", "window", "pool"}
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -48,6 +48,7 @@ class Calibration:
             out["keep_ratio"] = str(self.evict["keep_ratio"])
         if self.kv:
             out["kv_bits"] = " ".join(f"K{k}V{v}" for k, v in zip(self.kv["k_bits"], self.kv["v_bits"]))
+            out["kv_prefill"] = self.kv.get("prefill", "full")
         return out
 
 
@@ -85,6 +86,7 @@ def resolve(args: ServeArgs, n_layers: int) -> Calibration:
             "mode": m.mode,
             "group": m.group,
             "residual": m.residual,
+            "prefill": args.kv_prefill,  # the regime served; the file's "prefill" records the search's
         }
         cal.sources["kv_precision"] = args.kv_precision
     if args.prefixkv is not None:

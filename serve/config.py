@@ -7,7 +7,7 @@ configs/serve.yaml for `serve deploy`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,6 +25,9 @@ class ServeArgs(BaseModel):
     retention: float | None = Field(None, gt=0, le=1, description="which IndexCache pattern to use")
     kv_precision: str | None = Field(None, description="KVTuner config (kv_precision.json) or run id")
     kv_budget: float | None = Field(None, gt=0, description="which KVTuner map (equivalent bits)")
+    kv_prefill: Literal["full", "quantized"] = Field(
+        "full", description="what a prefill attends to: its own K/V at full precision (KIVI), or as stored"
+    )
     prefixkv: str | None = Field(None, description="PrefixKV config (prefixkv.json) or run id")
     keep_ratio: float | None = Field(None, gt=0, le=1, description="PrefixKV budget ratio to apply")
     # Replicas.
