@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -58,7 +59,9 @@ try:
     RETRYABLE: tuple[type[BaseException], ...] = (RayActorError, ActorUnavailableError)
 except ImportError:  # pragma: no cover - older Ray
     RETRYABLE = (RayActorError,)
-FIRST_EVENT_ATTEMPTS = 3
+# A request whose replica dies before it sent the client any output is sent again, to another
+# replica or to the one Serve starts in its place, for up to this long.
+REPLICA_RETRY_S = 60.0
 MAX_SEQUENCES = 64  # prompts x (best_of or n) in one request
 
 api = FastAPI(
@@ -145,18 +148,34 @@ def _usage(seqs: list[Sequence], per_prompt: int) -> Usage:
     )
 
 
-async def _merge(streams: list[tuple]) -> AsyncIterator[tuple[int, dict, bool]]:
-    """(index, event, is_first) from every sequence as they arrive; first events come first."""
+async def _merge(streams: list[tuple], reopen) -> AsyncIterator[tuple[int, dict, bool]]:
+    """(index, event, is_first) from every sequence as they arrive; first events come first.
+
+    reopen(i) -> a new (stream, first event) for sequence i: used when its replica dies before the
+    sequence produced anything past its first event (the client has seen no output of it yet)."""
     for i, (_, first) in enumerate(streams):
         yield i, first, True
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream) -> None:
+        sent = 0
         try:
-            async for ev in stream:
-                await queue.put((i, ev))
+            while True:
+                try:
+                    async for ev in stream:
+                        sent += 1
+                        await queue.put((i, ev))
+                    return
+                except RETRYABLE as e:
+                    if sent:
+                        why = f"the replica serving this request died after it streamed output ({type(e).__name__})"
+                        await queue.put((i, {"type": "error", "message": why + "; send the request again"}))
+                        return
+                    stream, _ = await reopen(i)  # the same prompt: its first event is the one already sent
         except RETRYABLE as e:
-            await queue.put((i, {"type": "error", "message": f"replica died ({type(e).__name__})"}))
+            await queue.put(
+                (i, {"type": "error", "message": f"no replica could take the request ({type(e).__name__})"})
+            )
         finally:
             await queue.put((i, None))
 
@@ -175,7 +194,9 @@ async def _merge(streams: list[tuple]) -> AsyncIterator[tuple[int, dict, bool]]:
 
 
 def _stream_error(message: str) -> str:
-    return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+    """An error inside a stream that already answered 200 (a replica died mid-stream, a failed step)."""
+    code = "unavailable" if "replica" in message else None
+    return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
 
 
 def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -241,8 +262,8 @@ class Ingress:
         streams = await self._open_all(jobs)
         cid, created = new_id("cmpl"), now()
         if req.stream:
-            return _sse(self._stream_completions(req, streams, cid, created))
-        seqs = await self._collect(streams)
+            return _sse(self._stream_completions(req, streams, jobs, cid, created))
+        seqs = await self._collect(streams, jobs)
         choices = []
         for p in range(len(req.prompts())):
             group = seqs[p * width : (p + 1) * width]
@@ -254,7 +275,7 @@ class Ingress:
         usage = _usage(seqs, width)
         return CompletionResponse(id=cid, created=created, model=self.name, choices=choices, usage=usage)
 
-    async def _stream_completions(self, req: CompletionRequest, streams, cid: str, created: int):
+    async def _stream_completions(self, req: CompletionRequest, streams, jobs, cid: str, created: int):
         seqs = [Sequence() for _ in streams]
         chars = [0] * len(streams)  # characters sent per choice, for text_offset
 
@@ -266,7 +287,7 @@ class Ingress:
             c = Choice(text=text, index=i, logprobs=lp, finish_reason=finish)
             return CompletionResponse(id=cid, created=created, model=self.name, choices=[c]).model_dump_json()
 
-        async for i, ev, first in _merge(streams):
+        async for i, ev, first in _merge(streams, lambda i: self._open(jobs[i])):
             s = seqs[i]
             before = len(s.scored)
             s.add(ev)
@@ -299,8 +320,8 @@ class Ingress:
         streams = await self._open_all(jobs)
         cid, created = new_id("chatcmpl"), now()
         if req.stream:
-            return _sse(self._stream_chat(req, streams, cid, created))
-        seqs = await self._collect(streams)
+            return _sse(self._stream_chat(req, streams, jobs, cid, created))
+        seqs = await self._collect(streams, jobs)
         choices = [
             ChatChoice(
                 index=i,
@@ -313,14 +334,14 @@ class Ingress:
         usage = _usage(seqs, req.n)
         return ChatCompletionResponse(id=cid, created=created, model=self.name, choices=choices, usage=usage)
 
-    async def _stream_chat(self, req: ChatCompletionRequest, streams, cid: str, created: int):
+    async def _stream_chat(self, req: ChatCompletionRequest, streams, jobs, cid: str, created: int):
         seqs = [Sequence() for _ in streams]
 
         def chunk(choices: list[ChunkChoice], usage=None) -> str:
             c = ChatCompletionChunk(id=cid, created=created, model=self.name, choices=choices, usage=usage)
             return c.model_dump_json(exclude_none=True)
 
-        async for i, ev, first in _merge(streams):
+        async for i, ev, first in _merge(streams, lambda i: self._open(jobs[i])):
             s = seqs[i]
             before = len(s.scored)
             s.add(ev)
@@ -338,16 +359,18 @@ class Ingress:
 
     # -- the model deployment ------------------------------------------------------------------------
     async def _open(self, body: dict):
-        """Open one sequence's event stream and read its first event, retrying if a replica died first."""
-        for attempt in range(FIRST_EVENT_ATTEMPTS):
+        """Open one sequence's event stream and read its first event, retrying while replicas die
+        (Serve routes the retry to a live replica, or to the one it starts in a dead one's place)."""
+        deadline, pause = time.monotonic() + REPLICA_RETRY_S, 0.2
+        while True:
             stream = self.model.options(stream=True).generate.remote(body)
             try:
                 return stream, await stream.__anext__()
             except RETRYABLE:
-                if attempt == FIRST_EVENT_ATTEMPTS - 1:
+                if time.monotonic() + pause > deadline:
                     raise
-                await asyncio.sleep(0.2 * (attempt + 1))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 2.0)
 
     async def _open_all(self, jobs: list[dict]) -> list[tuple]:
         """Start every sequence; a 4xx from any (the same for all of a prompt's choices) is the answer."""
@@ -363,16 +386,23 @@ class Ingress:
             raise ApiError(bad.get("status", 500), bad["message"], bad.get("param"))
         return opened
 
-    async def _collect(self, streams: list[tuple]) -> list[Sequence]:
-        async def one(stream, first) -> Sequence:
-            s = Sequence()
-            s.add(first)
-            async for ev in stream:
-                s.add(ev)
-            return s
+    async def _collect(self, streams: list[tuple], jobs: list[dict]) -> list[Sequence]:
+        """Every sequence to its end. Nothing has reached the client yet, so a sequence whose replica
+        dies is started again from its prompt (with its seed: the same text as it would have had)."""
+
+        async def one(stream, first, job) -> Sequence:
+            while True:
+                s = Sequence()
+                s.add(first)
+                try:
+                    async for ev in stream:
+                        s.add(ev)
+                    return s
+                except RETRYABLE:
+                    stream, first = await self._open(job)
 
         try:
-            seqs = await asyncio.gather(*(one(st, f) for st, f in streams))
+            seqs = await asyncio.gather(*(one(st, f, j) for (st, f), j in zip(streams, jobs)))
         except RETRYABLE as e:
             raise ApiError(
                 503, f"the replica serving this request died ({type(e).__name__})", None, "unavailable"

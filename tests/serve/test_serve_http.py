@@ -173,3 +173,50 @@ def test_killing_one_replica_leaves_the_app_answering(serve_urls):
         time.sleep(1)
     assert len(alive) == 2 and names[0] not in alive
     assert post(serve_urls["full"], GOOD).status_code == 200
+
+
+def _kill_the_only_replica_mid_request(app: str) -> str:
+    """Wait until the app's one replica is generating, then kill it; -> the killed replica's name."""
+    import ray
+    from ray import serve
+
+    (name,) = _replica_actors(app)
+    handle = serve.get_deployment_handle("Model", app_name=app)
+    t0 = time.time()
+    while handle.info.remote().result()["stats"]["active"] == 0:
+        assert time.time() - t0 < 60, "the request never reached the replica"
+        time.sleep(0.02)
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    return name
+
+
+def test_a_request_in_flight_on_a_killed_replica_is_sent_again(serve_urls, tiny_checkpoint):
+    """Non-streamed: the client has seen nothing, so it gets its answer from the replacement replica.
+    Streamed after output: an error event naming the cause, never a silent truncation."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import SMALL, _add_app
+
+    from serve.config import ServeArgs
+
+    small = {**SMALL, "max_tokens_limit": 96}
+    url = _add_app(serve_urls, "kill1", ServeArgs(model=str(tiny_checkpoint), name="tiny", num_replicas=1, **small))
+    body = {**GOOD, "prompt": "A", "max_tokens": 96, "n": 16, "temperature": 1.0, "seed": 3}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, url, body)
+        killed = _kill_the_only_replica_mid_request("kill1")
+        r = pending.result()
+    assert r.status_code == 200, r.text
+    assert killed not in _replica_actors("kill1")
+    assert [c["text"] for c in r.json()["choices"]] == [c["text"] for c in post(url, body).json()["choices"]]
+    # Streamed: output already sent when the replica dies.
+    with requests.post(
+        f"{url}/v1/completions", json={**body, "n": 1, "stream": True}, stream=True, timeout=120
+    ) as resp:
+        lines = resp.iter_lines(decode_unicode=True)
+        first = next(x for x in lines if x.startswith("data: "))
+        assert "choices" in json.loads(first[len("data: ") :])
+        _kill_the_only_replica_mid_request("kill1")
+        rest = [json.loads(x[len("data: ") :]) for x in lines if x.startswith("data: {")]
+    errors = [e["error"] for e in rest if "error" in e]
+    assert errors and errors[0]["code"] == "unavailable" and "died after it streamed output" in errors[0]["message"]
