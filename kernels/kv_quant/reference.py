@@ -85,6 +85,20 @@ class PackedKV:
             self.rc,
         )
 
+    def append(self, block: PackedKV) -> PackedKV:
+        """This block's token slots followed by `block`'s (same bits and layout; whole groups)."""
+        if (block.bits, block.dh, block.rt, block.rc) != (self.bits, self.dh, self.rt, self.rc):
+            raise ValueError("PackedKV.append: blocks of different bits or layout")
+        return PackedKV(
+            torch.cat([self.codes, block.codes], 1),
+            torch.cat([self.scale, block.scale], 1),
+            torch.cat([self.zero, block.zero], 1),
+            self.bits,
+            self.dh,
+            self.rt,
+            self.rc,
+        )
+
     def write_(self, s0: int, block: PackedKV) -> None:
         """Copy `block` into token slots s0:s0+block.length in place (no re-quantization)."""
         dst = self.slice(s0, s0 + block.length)

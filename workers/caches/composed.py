@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.kv_quant import BITS, quantize_pack, unpack_dequantize
+from kernels.kv_quant import BITS, PackedKV, quantize_pack, unpack_dequantize
 from tuning.prefixkv.plan import plan_counts
 from tuning.prefixkv.search import n_protected
 from workers.caches import CACHES
@@ -106,8 +106,10 @@ class _Layer:
     """One layer's storage: quantized chunks + full-precision window (and their positions)."""
 
     def __init__(self) -> None:
-        self.qk: list = []  # PackedKV chunks, or fp tensors for 16-bit layers
-        self.qv: list = []
+        # The quantized part, one PackedKV (or fp tensor for a 16-bit layer) per K and V, blocks appended
+        # in order: a decode step dequantizes it in one call, not one per block.
+        self.qk: PackedKV | torch.Tensor | None = None
+        self.qv: PackedKV | torch.Tensor | None = None
         self.q_pos: torch.Tensor | None = None  # [B, Sq]
         self.q_idx: torch.Tensor | None = None  # [B, Sq, Di]
         self.k = self.v = self.pos = self.idx = self.score = None  # window [B, Sw, ...]
@@ -128,6 +130,17 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
     return a if b is None else torch.cat([a, b], 1)
+
+
+def _appended(q: PackedKV | torch.Tensor | None, block: PackedKV | torch.Tensor) -> PackedKV | torch.Tensor:
+    """A layer's quantized part with a newly quantized block after it (fp tensors for 16-bit layers)."""
+    if q is None:
+        return block
+    return torch.cat([q, block], 1) if isinstance(q, torch.Tensor) else q.append(block)
+
+
+def _dequantized(q: PackedKV | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q if isinstance(q, torch.Tensor) else unpack_dequantize(q, dtype)
 
 
 def _take(t: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
@@ -202,8 +215,9 @@ class ComposedCache:
         """Bytes held: packed codes + scales/mins, the full-precision window, indexer keys."""
         total = 0
         for st in self.layers:
-            for chunk in st.qk + st.qv:
-                total += chunk.numel() * chunk.element_size() if isinstance(chunk, torch.Tensor) else chunk.nbytes()
+            for q in (st.qk, st.qv):
+                if q is not None:
+                    total += q.numel() * q.element_size() if isinstance(q, torch.Tensor) else q.nbytes()
             for t in (st.q_idx, st.k, st.v, st.idx):
                 if t is not None:
                     total += t.numel() * t.element_size()
@@ -217,10 +231,10 @@ class ComposedCache:
     # -- internals ----------------------------------------------------------------------------
     def _view(self, layer: int, dtype: torch.dtype) -> KVView:
         st = self.layers[layer]
-        ks = [c if isinstance(c, torch.Tensor) else unpack_dequantize(c, dtype) for c in st.qk]
-        vs = [c if isinstance(c, torch.Tensor) else unpack_dequantize(c, dtype) for c in st.qv]
-        k = torch.cat([*ks, st.k], 1) if ks else st.k
-        v = torch.cat([*vs, st.v], 1) if vs else st.v
+        k, v = st.k, st.v
+        if st.qk is not None:
+            k = torch.cat([_dequantized(st.qk, dtype), k], 1)
+            v = torch.cat([_dequantized(st.qv, dtype), v], 1)
         return KVView(k, v, _cat(st.q_pos, st.pos), _cat(st.q_idx, st.idx))
 
     def _evict_window(self, layer: int, target: int) -> None:
@@ -249,9 +263,11 @@ class ComposedCache:
         f = ((st.n_window - s.residual) // s.block) * s.block
         if f <= 0:
             return
-        for bits, role, store, src in ((s.k_bits[layer], "k", st.qk, st.k), (s.v_bits[layer], "v", st.qv, st.v)):
+        new = []
+        for bits, role, src in ((s.k_bits[layer], "k", st.k), (s.v_bits[layer], "v", st.v)):
             block = src[:, :f]
-            store.append(block.clone() if bits == FULL_BITS else quantize_pack(block, bits, s.mode, role, s.group))
+            new.append(block.clone() if bits == FULL_BITS else quantize_pack(block, bits, s.mode, role, s.group))
+        st.qk, st.qv = _appended(st.qk, new[0]), _appended(st.qv, new[1])
         st.q_pos, st.q_idx = _cat(st.q_pos, st.pos[:, :f]), _cat(st.q_idx, None if st.idx is None else st.idx[:, :f])
         st.k, st.v, st.pos = st.k[:, f:], st.v[:, f:], st.pos[:, f:]
         st.idx = None if st.idx is None else st.idx[:, f:]
