@@ -58,9 +58,11 @@ class RouterConfig:
     bias_rate: float = 1e-3  # loss_free update rate u
     bip_iters: int = 4  # BIP inner iterations T
     bip_mode: str = "pre"  # pre: route the batch with the q computed on it; causal: previous step's q
-    # restart: q starts at 0 on every batch; carry: from the layer's q of the previous step (the
-    # paper's rule, kept in the router's `bip_price` buffer, so checkpoints carry it)
-    bip_q_mode: str = "restart"
+    # carry: the T rounds start from the layer's q of the previous step (the paper's rule, kept in
+    # the router's `bip_price` buffer, so checkpoints carry it); restart: from 0 on every batch.
+    # carry is the default because it won the issue-20 sweep (docs/MOE.md): lower mean MaxVio at
+    # every seed, held-out perplexity within noise
+    bip_q_mode: str = "carry"
     score_fn: str = "softmax"
 
     def __post_init__(self) -> None:
