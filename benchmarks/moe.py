@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=8, help="experts E for the layer benchmark")
     p.add_argument("--router-tokens", default="1024,8192", help="comma-separated token counts (router)")
     p.add_argument("--router-experts", default="16,64", help="comma-separated expert counts (router)")
+    p.add_argument("--router-d-model", default="128,1024", help="comma-separated gate input widths D (router)")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per side (median)")
     p.add_argument("--router-repeats", type=int, default=30, help="timed router calls per side (min)")
     p.add_argument(
@@ -231,23 +232,26 @@ def main(argv: list[str] | None = None) -> int:
             f"{layer['ours_over_deepspeed_throughput']:.2f}x | {layer['crosscheck_top1_max_abs_diff']:.2e}"
             f" ({layer['crosscheck_top1_output_rms']:.2e}) |"
         )
+        widths = [int(t) for t in args.router_d_model.split(",")]
         print("\n## Router time per call, top-2, BIP q warm-started (min over alternating calls)\n")
-        print("whole = gate matmul + scores + selection + gate weights + load; selection = the expert choice alone")
-        print("(scores given). Each BIP router is timed against its own alternating plain top-K partner.\n")
+        print("Cells: BIP / plain top-K time ratio, whole router (gate matmul + scores + selection + gate weights")
         print(
-            "| tokens | experts | router | whole ms (top-K ms) | whole / top-K | selection ms (top-K ms) | selection / top-K |"
+            "+ load) then selection alone (scores given); each BIP router against its own alternating top-K partner.\n"
         )
-        print("|---|---|---|---|---|---|---|")
-        for n in [int(t) for t in args.router_tokens.split(",")]:
-            for e in [int(t) for t in args.router_experts.split(",")]:
-                r = router_benchmark(n, e, args.d_model, args.router_repeats)
-                tracking.log_metrics({f"router/n{n}_e{e}/{k}": v for k, v in r.items()})
-                for name in BIP_ROUTERS:
-                    print(
-                        f"| {n} | {e} | {name} | {r[f'{name}_ms']:.3f} ({r[f'topk_ms_vs_{name}']:.3f}) | "
-                        f"{r[f'{name}_over_topk_time']:.2f}x | {r[f'{name}_select_ms']:.3f} "
-                        f"({r[f'topk_select_ms_vs_{name}']:.3f}) | {r[f'{name}_over_topk_select_time']:.2f}x |"
-                    )
+        print("| D | tokens | experts | top-K whole ms | top-K selection ms | " + " | ".join(BIP_ROUTERS) + " |")
+        print("|---" * (5 + len(BIP_ROUTERS)) + "|")
+        for d in widths:
+            for n in [int(t) for t in args.router_tokens.split(",")]:
+                for e in [int(t) for t in args.router_experts.split(",")]:
+                    r = router_benchmark(n, e, d, args.router_repeats)
+                    tracking.log_metrics({f"router/d{d}_n{n}_e{e}/{k}": v for k, v in r.items()})
+                    cells = [
+                        f"{r[f'{name}_over_topk_time']:.2f}x / {r[f'{name}_over_topk_select_time']:.2f}x"
+                        for name in BIP_ROUTERS
+                    ]
+                    top_whole = statistics.median(r[f"topk_ms_vs_{name}"] for name in BIP_ROUTERS)
+                    top_sel = statistics.median(r[f"topk_select_ms_vs_{name}"] for name in BIP_ROUTERS)
+                    print(f"| {d} | {n} | {e} | {top_whole:.3f} | {top_sel:.3f} | " + " | ".join(cells) + " |")
         arms = [a.strip() for a in args.step_arms.split(",") if a.strip()]
         st = step_benchmark(arms, args.step_steps)
         tracking.log_metrics({f"step/{k}": v for k, v in st.items()})
