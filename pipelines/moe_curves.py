@@ -21,9 +21,9 @@ from workers.stats import markdown_table
 
 def layout_label(params: dict[str, str]) -> str:
     workers, ep = params.get("train.num_workers", "?"), params.get("train.ep_size", "1")
-    zero = params.get("train.zero_stage", "0")
+    zero, batch = params.get("train.zero_stage", "0"), params.get("train.batch_size", "?")
     kind = "expert parallel" if ep not in ("1", "None") else "data parallel"
-    return f"{workers} worker(s), {kind} (ep {ep}, ZeRO {zero})"
+    return f"{workers} worker(s) x batch {batch}, {kind} (ep {ep}, ZeRO {zero})"
 
 
 def main(argv: list[str] | None = None) -> int:
