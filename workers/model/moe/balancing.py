@@ -98,7 +98,9 @@ def kth_largest(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     n = x.shape[dim]
     if not 1 <= k <= n:
         raise ValueError(f"kth_largest needs 1 <= k <= {n}, got k={k}")
-    if k <= 4:  # E experts, K + 1 <= 4: a few reductions beat torch.topk's per-row heap
+    # K + 1 <= 4 over E experts: argmax + masking rounds; on CPU 2x faster than torch.topk at
+    # E = 64 and at 8192 x 16, about 25% slower at 1024 x 16 (per-op overhead dominates there)
+    if k <= 4:
         if k == 1:
             return x.amax(dim)
         x = x.clone()
