@@ -185,3 +185,38 @@ def _compare_states(ref, ref_opt, model, opt, groups, what: str, tol: float = 1e
     for name, b in model.named_buffers():
         if name.endswith(("bip_price", "balance_bias")):
             _close(b, ref_buffers[name], f"{what}: buffer {name}", tol)
+
+
+def dp_bias_worker(rank: int, world: int, port: int) -> None:
+    """Plain data parallel (the DataParallel layout, no expert parallelism): each rank routes its
+    own batch; the loss-free bias then moves by the loads of all ranks, the same on every rank."""
+    from workers.model.moe.balancing import loss_free_update
+    from workers.training.config import tiny
+    from workers.training.parallel import DataParallel
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        par = DataParallel(tiny(), world)
+        torch.manual_seed(0)
+        model = CalibLM(config("loss_free")).train()
+        x = torch.randint(0, 256, (ROWS_PER_RANK, 24), generator=torch.Generator().manual_seed(100 + rank))
+        model(x, attn="dense")
+        local = [layer.router.step_load.clone() for _, layer in moe_layers(model)]
+        balancing_step(model, par.groups)
+        for i, (_, layer) in enumerate(moe_layers(model)):
+            total = local[i].clone()
+            dist.all_reduce(total)
+            u = layer.cfg.router.bias_rate
+            _close(layer.router.balance_bias, loss_free_update(torch.zeros_like(total), total, u), f"bias layer {i}")
+            biases = [torch.empty_like(layer.router.balance_bias) for _ in range(world)]
+            dist.all_gather(biases, layer.router.balance_bias)
+            if not all(torch.equal(b, biases[0]) for b in biases):
+                raise AssertionError(f"layer {i}: loss-free bias differs between data-parallel ranks")
+            if torch.equal(total, local[i] * world):
+                raise AssertionError("the ranks' batches route alike: the check would not see a local-only update")
+    finally:
+        dist.destroy_process_group()

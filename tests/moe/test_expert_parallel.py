@@ -6,7 +6,7 @@ import socket
 
 import torch.multiprocessing as mp
 
-from tests.moe.ep_workers import parity_worker, state_parity_worker
+from tests.moe.ep_workers import dp_bias_worker, parity_worker, state_parity_worker
 
 
 def free_port() -> int:
@@ -36,3 +36,9 @@ def test_ep2_state_matches_single_process_over_five_steps():
     after every step, so nothing drifts apart over steps that one step's gradients would hide."""
     for strategy in ("bip", "loss_free"):
         mp.spawn(state_parity_worker, args=(2, free_port(), strategy, 5), nprocs=2, join=True)
+
+
+def test_data_parallel_loss_free_bias_moves_by_all_ranks_loads():
+    """2 data-parallel ranks (the DataParallel layout Ray Train uses without --ep-size): the
+    loss-free bias moves by the loads summed over both ranks and stays equal on both."""
+    mp.spawn(dp_bias_worker, args=(2, free_port()), nprocs=2, join=True)
