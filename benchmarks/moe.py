@@ -4,11 +4,14 @@
    DeepSpeed's deepspeed.moe.layer.MoE with the same experts, gate and shapes, dropless top-2:
    tokens/s of forward + backward. First a cross-check: at top-1 (where DeepSpeed's gate,
    like ours, takes the raw softmax score as the weight) both layers give the same output.
-2. The BIP router (T = 4, 8; pre) against the plain top-K router: router time per call
-   (gate matmul + scores + selection) at several (tokens, experts) shapes; the minimum over
-   alternating calls (sub-millisecond calls on a shared machine: the minimum is the signal).
+2. The BIP router (q warm-started, T = 1, 2, 4, 8; causal T = 1; restart T = 4) against the
+   plain top-K router at several (tokens, experts) shapes: the whole router call (gate matmul
+   + scores + selection) and the selection alone; the minimum over alternating calls
+   (sub-millisecond calls on a shared machine: the minimum is the signal).
+3. The router's share of a real training step (the balancing sweep's small preset) for plain
+   top-K and BIP arms.
 
-    python -m benchmarks.moe                       # both (about a minute on 2 cores)
+    python -m benchmarks.moe --threads 1           # all three (a few minutes on 2 cores)
     python -m benchmarks.moe --tokens 4096 --repeats 5
 """
 
@@ -23,10 +26,15 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from workers.data.corpus import load_corpus
 from workers.model.config import MoEConfig, RouterConfig
 from workers.model.moe.ffn import MoEFFN
 from workers.model.moe.router import Router
+from workers.model.transformer import CalibLM
+from workers.moe.experiment import ARMS, ExperimentConfig, batch
 from workers.runtime import tracking
+from workers.training.loop import run_steps
+from workers.training.optim import AdamWOptimizer
 
 
 def bench_pair(
@@ -120,23 +128,70 @@ def layer_benchmark(tokens: int, d_model: int, hidden: int, experts: int, repeat
     return out
 
 
+# the BIP routers timed against plain top-K: q carried (warm-started) at T = 1, 2, 4, 8, the
+# causal router at T = 1 (its routing top-(K+1) also gives the first round's token prices),
+# and the restart-each-batch router of the first release at T = 4
+BIP_ROUTERS = {
+    "bip_t1": RouterConfig(strategy="bip", bip_iters=1, bip_q_mode="carry"),
+    "bip_t2": RouterConfig(strategy="bip", bip_iters=2, bip_q_mode="carry"),
+    "bip_t4": RouterConfig(strategy="bip", bip_iters=4, bip_q_mode="carry"),
+    "bip_t8": RouterConfig(strategy="bip", bip_iters=8, bip_q_mode="carry"),
+    "bip_causal_t1": RouterConfig(strategy="bip", bip_iters=1, bip_mode="causal", bip_q_mode="carry"),
+    "bip_restart_t4": RouterConfig(strategy="bip", bip_iters=4, bip_q_mode="restart"),
+}
+
+
 def router_benchmark(tokens: int, experts: int, d_model: int, repeats: int) -> dict[str, float]:
+    """Per BIP router: ms of the whole router call (gate matmul + scores + selection + gate
+    weights + load) and of the selection alone (scores given), each against plain top-K in
+    alternating calls; the minimum over `repeats` calls per side."""
     torch.manual_seed(0)
-    x = torch.randn(tokens, d_model)
+    x = torch.randn(tokens, d_model)  # [N, D]
     routers = {}
-    for name, rc in {
-        "topk": RouterConfig(strategy="none"),
-        "bip_t4": RouterConfig(strategy="bip", bip_iters=4),
-        "bip_t8": RouterConfig(strategy="bip", bip_iters=8),
-    }.items():
+    for name, rc in {"topk": RouterConfig(strategy="none"), **BIP_ROUTERS}.items():
         torch.manual_seed(0)
         routers[name] = Router(d_model, MoEConfig(n_experts=experts, top_k=2, router=rc)).train()
     out: dict[str, float] = {}
     with torch.no_grad():
-        for name in ("bip_t4", "bip_t8"):
-            t_bip, t_top = bench_pair(lambda n=name: routers[n](x), lambda: routers["topk"](x), repeats, min)
+        s = routers["topk"].scores(x)  # [N, E]; every router has the same gate
+        for name in BIP_ROUTERS:
+            r = routers[name]
+            for i in range(3):  # warm-start q on other batches first, as in training
+                r(torch.randn(tokens, d_model, generator=torch.Generator().manual_seed(i)))
+            t_bip, t_top = bench_pair(lambda r=r: r(x), lambda: routers["topk"](x), repeats, min)
             out[f"{name}_ms"], out[f"topk_ms_vs_{name}"] = 1e3 * t_bip, 1e3 * t_top
             out[f"{name}_over_topk_time"] = t_bip / t_top
+            t_bip, t_top = bench_pair(lambda r=r: r.select(s), lambda: routers["topk"].select(s), repeats, min)
+            out[f"{name}_select_ms"], out[f"topk_select_ms_vs_{name}"] = 1e3 * t_bip, 1e3 * t_top
+            out[f"{name}_over_topk_select_time"] = t_bip / t_top
+    return out
+
+
+def step_benchmark(arms: list[str], steps: int) -> dict[str, float]:
+    """The router's share of a training step: the balancing sweep's small preset (4 layers,
+    16 experts, top-2, 8 x 128 tokens), `steps` real optimizer steps per arm (the first one
+    dropped); router time = scores + selection summed over the layers."""
+    cfg = ExperimentConfig(steps=steps)
+    tokens = load_corpus(cfg.corpus).tokens("train")
+    out: dict[str, float] = {}
+    for arm in arms:
+        if arm not in ARMS:
+            raise SystemExit(f"--step-arms: {arm!r} is not an arm of workers.moe.experiment.ARMS")
+        torch.manual_seed(0)
+        model = CalibLM(cfg.model_config(arm))
+        opt = AdamWOptimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+        rows: list[tuple[float, float]] = []
+        run_steps(
+            model,
+            opt,
+            cfg.schedule,
+            lambda step: (batch(tokens, cfg, 0, step), None),
+            hooks=[lambda r, rows=rows: rows.append((r.seconds, r.router_s))],
+        )
+        step_s = statistics.median(t for t, _ in rows[1:])
+        router_s = statistics.median(t for _, t in rows[1:])
+        out[f"{arm}/step_ms"], out[f"{arm}/router_ms"] = 1e3 * step_s, 1e3 * router_s
+        out[f"{arm}/router_share"] = router_s / step_s
     return out
 
 
@@ -148,12 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=8, help="experts E for the layer benchmark")
     p.add_argument("--router-tokens", default="1024,8192", help="comma-separated token counts (router)")
     p.add_argument("--router-experts", default="16,64", help="comma-separated expert counts (router)")
+    p.add_argument("--router-d-model", default="128,1024", help="comma-separated gate input widths D (router)")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per side (median)")
     p.add_argument("--router-repeats", type=int, default=30, help="timed router calls per side (min)")
+    p.add_argument(
+        "--step-arms",
+        default="none,bip_pre_carry_t1,bip_pre_carry_t2,bip_pre_t4",
+        help="sweep arms timed in a training step",
+    )
+    p.add_argument("--step-steps", type=int, default=8, help="optimizer steps per arm in the step benchmark")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--experiment", default="calibray-bench", help="MLflow experiment name")
     args = p.parse_args(argv)
-    for name in ("tokens", "d_model", "hidden", "experts", "repeats", "router_repeats", "threads"):
+    for name in ("tokens", "d_model", "hidden", "experts", "repeats", "router_repeats", "step_steps", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     torch.set_num_threads(args.threads)
@@ -170,17 +232,36 @@ def main(argv: list[str] | None = None) -> int:
             f"{layer['ours_over_deepspeed_throughput']:.2f}x | {layer['crosscheck_top1_max_abs_diff']:.2e}"
             f" ({layer['crosscheck_top1_output_rms']:.2e}) |"
         )
-        print("\n## Router time per call (gate + scores + selection), top-2\n")
-        print("| tokens | experts | top-K ms | BIP T=4 ms | ratio | top-K ms | BIP T=8 ms | ratio |")
-        print("|---|---|---|---|---|---|---|---|")
-        for n in [int(t) for t in args.router_tokens.split(",")]:
-            for e in [int(t) for t in args.router_experts.split(",")]:
-                r = router_benchmark(n, e, args.d_model, args.router_repeats)
-                tracking.log_metrics({f"router/n{n}_e{e}/{k}": v for k, v in r.items()})
-                print(
-                    f"| {n} | {e} | {r['topk_ms_vs_bip_t4']:.2f} | {r['bip_t4_ms']:.2f} | {r['bip_t4_over_topk_time']:.1f}x"
-                    f" | {r['topk_ms_vs_bip_t8']:.2f} | {r['bip_t8_ms']:.2f} | {r['bip_t8_over_topk_time']:.1f}x |"
-                )
+        widths = [int(t) for t in args.router_d_model.split(",")]
+        print("\n## Router time per call, top-2, BIP q warm-started (min over alternating calls)\n")
+        print("Cells: BIP / plain top-K time ratio, whole router (gate matmul + scores + selection + gate weights")
+        print(
+            "+ load) then selection alone (scores given); each BIP router against its own alternating top-K partner.\n"
+        )
+        print("| D | tokens | experts | top-K whole ms | top-K selection ms | " + " | ".join(BIP_ROUTERS) + " |")
+        print("|---" * (5 + len(BIP_ROUTERS)) + "|")
+        for d in widths:
+            for n in [int(t) for t in args.router_tokens.split(",")]:
+                for e in [int(t) for t in args.router_experts.split(",")]:
+                    r = router_benchmark(n, e, d, args.router_repeats)
+                    tracking.log_metrics({f"router/d{d}_n{n}_e{e}/{k}": v for k, v in r.items()})
+                    cells = [
+                        f"{r[f'{name}_over_topk_time']:.2f}x / {r[f'{name}_over_topk_select_time']:.2f}x"
+                        for name in BIP_ROUTERS
+                    ]
+                    top_whole = statistics.median(r[f"topk_ms_vs_{name}"] for name in BIP_ROUTERS)
+                    top_sel = statistics.median(r[f"topk_select_ms_vs_{name}"] for name in BIP_ROUTERS)
+                    print(f"| {d} | {n} | {e} | {top_whole:.3f} | {top_sel:.3f} | " + " | ".join(cells) + " |")
+        arms = [a.strip() for a in args.step_arms.split(",") if a.strip()]
+        st = step_benchmark(arms, args.step_steps)
+        tracking.log_metrics({f"step/{k}": v for k, v in st.items()})
+        print(f"\n## Router share of a training step (small sweep preset, median of {args.step_steps - 1} steps)\n")
+        print("| arm | step ms | router ms (4 layers) | router share |")
+        print("|---|---|---|---|")
+        for arm in arms:
+            print(
+                f"| {arm} | {st[f'{arm}/step_ms']:.1f} | {st[f'{arm}/router_ms']:.2f} | {st[f'{arm}/router_share']:.1%} |"
+            )
     return 0
 
 

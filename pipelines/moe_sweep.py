@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (weights and data order)")
     p.add_argument("--steps", type=int, help="override the preset's optimizer steps")
     p.add_argument("--score-fn", choices=["softmax", "sigmoid"], help="override the gate's score function")
+    p.add_argument(
+        "--gate-skew", type=float, help="plant a router collapsed onto expert 0 at step 0 with this gate weight"
+    )
     p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial")
     p.add_argument("--experiment", default="calibray", help="MLflow experiment name")
@@ -80,6 +83,8 @@ def parse(args: argparse.Namespace) -> tuple[ExperimentConfig, list[str], list[i
         cfg = cfg.replace(steps=args.steps)
     if args.score_fn is not None:
         cfg = cfg.replace(score_fn=args.score_fn)
+    if args.gate_skew is not None:
+        cfg = cfg.replace(gate_skew=args.gate_skew)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:

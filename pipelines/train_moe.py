@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-experts", type=int, help="model: MoE experts")
     p.add_argument("--router", choices=["none", "aux_loss", "loss_free", "bip"], help="MoE routing strategy")
     p.add_argument("--bip-mode", choices=["pre", "causal"], help="BIP: route with this batch's prices or last step's")
+    p.add_argument("--bip-iters", type=int, help="BIP: dual rounds T per batch")
+    p.add_argument(
+        "--bip-q-mode", choices=["carry", "restart"], help="BIP: start the rounds from last step's q (carry) or 0"
+    )
     p.add_argument("--corpus", help="'pydoc' (default) or a .txt / .jsonl / .parquet file with a text column")
     p.add_argument(
         "--curriculum",
@@ -86,10 +90,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if m.indexer is None:
             raise ConfigError(f"--topk={args.topk}: preset {args.preset!r} has no indexer")
         model_changes["indexer"] = dataclasses.replace(m.indexer, topk=args.topk)
-    if any(v is not None for v in (args.n_experts, args.router, args.bip_mode)):
+    if any(v is not None for v in (args.n_experts, args.router, args.bip_mode, args.bip_iters, args.bip_q_mode)):
         if m.moe is None:
-            raise ConfigError(f"--n-experts/--router: preset {args.preset!r} has no MoE")
-        router = dataclasses.replace(m.moe.router, **_given(strategy=args.router, bip_mode=args.bip_mode))
+            raise ConfigError(f"--n-experts/--router/--bip-*: preset {args.preset!r} has no MoE")
+        router = dataclasses.replace(
+            m.moe.router,
+            **_given(
+                strategy=args.router, bip_mode=args.bip_mode, bip_iters=args.bip_iters, bip_q_mode=args.bip_q_mode
+            ),
+        )
         model_changes["moe"] = dataclasses.replace(m.moe, router=router, **_given(n_experts=args.n_experts))
     if model_changes:
         m = m.replace(**model_changes)

@@ -84,6 +84,11 @@ def test_bad_cli_values_fail_before_any_work():
         train_moe.config_from_args(train_moe.build_parser().parse_args(["--workers", "2", "--ep-size", "3"]))
     with pytest.raises(ConfigError, match="indexer.topk=0"):
         train_moe.config_from_args(train_moe.build_parser().parse_args(["--topk", "0"]))
+    with pytest.raises(ConfigError, match="router.bip_iters=0"):
+        train_moe.config_from_args(train_moe.build_parser().parse_args(["--preset", "demo", "--bip-iters", "0"]))
+    args = train_moe.build_parser().parse_args(["--preset", "demo", "--bip-iters", "2", "--bip-q-mode", "restart"])
+    router = train_moe.config_from_args(args).model.moe.router
+    assert (router.strategy, router.bip_iters, router.bip_q_mode) == ("bip", 2, "restart")
 
 
 def test_tracking_uri_refuses_file_stores(monkeypatch):

@@ -11,6 +11,7 @@ from workers.model.moe.balancing import (
     capacity,
     expert_load,
     gate_weights,
+    kth_largest,
     loss_free_update,
     max_vio,
     select_topk,
@@ -127,3 +128,59 @@ def test_straggler_ratio():
     assert straggler_ratio(load, 2) == pytest.approx(1.6)
     with pytest.raises(ValueError, match="ep_size=3"):
         rank_loads(load, 3)
+
+
+def dual_update_by_hand(s: torch.Tensor, k: int, rounds: int, q0: list[float]) -> tuple[list[float], dict]:
+    """The spec's dual rounds in plain Python (sorted lists, float64); also returns the raw
+    (unclamped) p and q of every round, so a test can check the clamps actually bind."""
+    rows = s.double().tolist()
+    n, m = len(rows), len(rows[0])
+    cap = capacity(n, m, k)
+    q = list(q0)
+    raw = {"p": [], "q": []}
+    for _ in range(rounds):
+        p_raw = [sorted((rows[i][j] - q[j] for j in range(m)), reverse=True)[k] for i in range(n)]
+        p = [max(0.0, v) for v in p_raw]
+        q_raw = [sorted((rows[i][j] - p[i] for i in range(n)), reverse=True)[cap] for j in range(m)]
+        q = [max(0.0, v) for v in q_raw]
+        raw["p"].append(p_raw)
+        raw["q"].append(q_raw)
+    return q, raw
+
+
+@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+def test_bip_prices_equal_the_dual_update_by_hand(warm, rounds):
+    s = skewed_scores(n=96, m=8, seed=3)
+    # a warm start above most scores makes the token prices' clamp bind in round 1
+    q0 = [0.3, 0.0, 0.05, 0.1, 0.0, 0.2, 0.4, 0.6] if warm else [0.0] * 8
+    want, raw = dual_update_by_hand(s, 2, rounds, q0)
+    got = bip_prices(s, 2, rounds, init=torch.tensor(q0) if warm else None)
+    assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
+    # a clamp binds on each batch, so without clamp_min(0) the result would differ: from 0, an
+    # expert too unpopular to fill cap gets price 0, not a negative one; from the warm start,
+    # tokens priced out of K + 1 experts get p = 0
+    assert min(raw["p" if warm else "q"][0]) < -1e-3
+
+
+def test_bip_carry_resumes_the_rounds_where_the_last_batch_left_them():
+    """Carrying q over T rounds per batch is the same as running the rounds on without a
+    restart: on one fixed batch, 2 + 2 carried rounds = 4 rounds from 0."""
+    s = skewed_scores(n=200, m=8, seed=4)
+    q2 = bip_prices(s, 2, 2)
+    assert torch.equal(bip_prices(s, 2, 2, init=q2), bip_prices(s, 2, 4))
+    # and the token prices of the first round, when given, are used instead of recomputed
+    p = torch.full((200,), 0.05)
+    want, _ = dual_update_by_hand(s, 2, 1, [0.0] * 8)
+    assert not torch.allclose(bip_prices(s, 2, 1, token_prices=p).double(), torch.tensor(want, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 9, 40, 63, 64])
+def test_kth_largest_is_the_sorted_value(k):
+    x = torch.randn(64, 37)
+    x[::5] = x[::5].round()  # ties
+    assert torch.equal(kth_largest(x, k, dim=0), x.sort(0, descending=True).values[k - 1])
+    if k <= 37:
+        assert torch.equal(kth_largest(x, k, dim=1), x.sort(1, descending=True).values[:, k - 1])
+    with pytest.raises(ValueError, match="k=65"):
+        kth_largest(x, 65, dim=0)

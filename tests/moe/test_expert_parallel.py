@@ -6,7 +6,7 @@ import socket
 
 import torch.multiprocessing as mp
 
-from tests.moe.ep_workers import parity_worker
+from tests.moe.ep_workers import dp_bias_worker, parity_worker, state_parity_worker
 
 
 def free_port() -> int:
@@ -28,3 +28,17 @@ def test_2dp_x_2ep_matches_single_process():
     with DeepSpeed ZeRO 1 and 2 on the dense parameters, updates every parameter as
     the 1-process step does."""
     mp.spawn(parity_worker, args=(4, 2, free_port(), ("none", "loss_free"), (1, 2)), nprocs=4, join=True)
+
+
+def test_ep2_state_matches_single_process_over_five_steps():
+    """5 float64 optimizer steps, 1 process (the 1-worker optimizer) vs 2 expert-parallel ranks:
+    parameters, AdamW moments, and router state (the carried BIP q; the loss-free bias) agree
+    after every step, so nothing drifts apart over steps that one step's gradients would hide."""
+    for strategy in ("bip", "loss_free"):
+        mp.spawn(state_parity_worker, args=(2, free_port(), strategy, 5), nprocs=2, join=True)
+
+
+def test_data_parallel_loss_free_bias_moves_by_all_ranks_loads():
+    """2 data-parallel ranks (the DataParallel layout Ray Train uses without --ep-size): the
+    loss-free bias moves by the loads summed over both ranks and stays equal on both."""
+    mp.spawn(dp_bias_worker, args=(2, free_port()), nprocs=2, join=True)

@@ -7,11 +7,17 @@ import dataclasses
 import pytest
 import torch
 
-from workers.model.config import ModelConfig, MoEConfig, RouterConfig
-from workers.model.moe.balancing import max_vio
+from workers.model.checkpoint import load, save
+from workers.model.config import ConfigError, ModelConfig, MoEConfig, RouterConfig
+from workers.model.moe.balancing import bip_prices, max_vio, select_topk
 from workers.model.moe.distributed import balancing_step, moe_layers, routers
 from workers.model.moe.ffn import MoEFFN, capacity_mask
 from workers.model.transformer import CalibLM, lm_loss
+from workers.training import train_state
+from workers.training.config import tiny
+from workers.training.loop import run_steps
+from workers.training.optim import AdamWOptimizer
+from workers.training.schedule import LRSchedule
 
 ARMS = {
     "none": RouterConfig(strategy="none"),
@@ -176,3 +182,93 @@ def test_training_step_runs_and_moves_routers(arm):
     assert routers(model)[0].gate.weight.grad.abs().sum() > 0
     opt.step()
     balancing_step(model)
+
+
+CARRY = {
+    "pre": RouterConfig(strategy="bip", bip_mode="pre", bip_iters=2, bip_q_mode="carry"),
+    "causal": RouterConfig(strategy="bip", bip_mode="causal", bip_iters=2, bip_q_mode="carry"),
+}
+
+
+def test_bip_q_mode_is_validated():
+    with pytest.raises(ConfigError, match="bip_q_mode='warm'"):
+        RouterConfig(strategy="bip", bip_q_mode="warm")
+
+
+@pytest.mark.parametrize("mode", ["pre", "causal"])
+@pytest.mark.parametrize("q_mode", ["restart", "carry"])
+def test_bip_rounds_start_from_the_previous_steps_q_only_when_carried(mode, q_mode):
+    rc = RouterConfig(strategy="bip", bip_mode=mode, bip_iters=2, bip_q_mode=q_mode)
+    r = routers(skewed_model(rc).train())[0]
+    xs = [torch.randn(96, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with torch.no_grad():
+        for x in xs:
+            q_prev = r.bip_price.clone()
+            out = r(x)
+            s = r.scores(x)
+            want = bip_prices(s, 2, 2, init=q_prev if q_mode == "carry" else None)
+            # the causal router's fused first round (token prices off its top-(K+1)) is exact
+            assert torch.equal(r.bip_price, want)
+            routed_by = want if mode == "pre" else q_prev
+            assert torch.equal(out.expert_idx, select_topk(s, 2, -routed_by))
+    assert float(r.bip_price.sum()) > 0
+
+
+def _carry_run(steps: int, *, resume_from=None, forget_q: bool = False, hooks=()) -> CalibLM:
+    """Train the skewed BIP-carry model through the real loop (optionally from a checkpoint)."""
+    model = skewed_model(CARRY["pre"])
+    opt = AdamWOptimizer(model, lr=1e-2, weight_decay=0.1, grad_clip=1.0)
+    start = 0
+    if resume_from is not None:
+        restored = train_state.read(resume_from, model, 0, 1, replicated=True)
+        opt.load_state_dict(restored.opt_state)
+        start = restored.step
+        if forget_q:
+            for r in routers(model):
+                r.bip_price.zero_()
+    schedule = LRSchedule(lr=1e-2, steps=steps, warmup_steps=1, min_lr_frac=0.1)
+    run_steps(
+        model, opt, schedule, lambda step: (tokens(step), None), start=start, hooks=[h(model, opt) for h in hooks]
+    )
+    return model
+
+
+def test_carried_q_survives_checkpoint_and_resume_bit_for_bit(tmp_path):
+    saved = {}
+
+    def checkpoint_at_3(model, opt):
+        def hook(r):
+            if r.step == 3:  # what the training pipelines' checkpoint hook writes
+                meta = train_state.meta(tiny(), r.step, 1, [])
+                train_state.write(tmp_path, 0, model_state=model.state_dict(), opt_state=opt.state_dict(), meta=meta)
+                saved["q"] = [x.bip_price.clone() for x in routers(model)]
+                save(model, tmp_path / "model")
+
+        return hook
+
+    straight = _carry_run(5, hooks=[checkpoint_at_3])
+    assert all(float(q.max()) > 0 for q in saved["q"])  # a warm q worth carrying
+    resumed = _carry_run(5, resume_from=tmp_path)
+    # two steps after the resume reproduce the uninterrupted run exactly, q included
+    for a, b in zip(routers(resumed), routers(straight)):
+        assert torch.equal(a.bip_price, b.bip_price)
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(a, b), name
+    # the safetensors model checkpoint (what evaluation and serving load) keeps q exactly too
+    loaded = load(tmp_path / "model")
+    assert all(torch.equal(r.bip_price, q) for r, q in zip(routers(loaded), saved["q"]))
+    # the check has teeth: a resume that lost q (restarted it at 0) ends elsewhere
+    forgot = _carry_run(5, resume_from=tmp_path, forget_q=True)
+    assert not all(torch.equal(a.bip_price, b.bip_price) for a, b in zip(routers(forgot), routers(straight)))
+
+
+def test_checkpoint_without_the_price_buffer_loads_with_q_zero():
+    model = skewed_model(CARRY["causal"]).train()
+    model(tokens())
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("bip_price")}
+    clone = CalibLM(model.cfg)
+    for r in routers(clone):
+        r.bip_price.fill_(1.0)
+    clone.load_state_dict(old)  # strict: nothing missing, nothing unexpected
+    assert all(float(r.bip_price.abs().sum()) == 0 for r in routers(clone))
+    assert torch.equal(clone.layers[0].ffn.router.gate.weight, model.layers[0].ffn.router.gate.weight)

@@ -22,6 +22,8 @@ def test_bad_arguments_fail_before_any_work():
         moe_sweep.parse(parser.parse_args(["--seeds", "a,b"]))
     with pytest.raises(ConfigError, match="steps=0"):
         moe_sweep.parse(parser.parse_args(["--steps", "0"]))
+    with pytest.raises(ConfigError, match="gate_skew=-1"):
+        moe_sweep.parse(parser.parse_args(["--gate-skew", "-1"]))
 
 
 def test_small_sweep_orders_early_maxvio_and_logs_everything(ray_local, mlflow_uri):
@@ -56,3 +58,19 @@ def test_small_sweep_orders_early_maxvio_and_logs_everything(ray_local, mlflow_u
     child = children[0]
     assert {"heldout_global_maxvio", "heldout_ppl", "maxvio_step1", "maxvio_layer0"} <= set(child.data.metrics)
     assert len(client.get_metric_history(child.info.run_id, "maxvio_layer0")) == 12
+
+
+def test_sweep_orders_bip_arms_on_a_planted_skewed_router(ray_local, mlflow_uri):
+    """Every gate starts collapsed onto expert 0 (plain top-2 puts every token there: MaxVio 3,
+    the most 8 experts allow). BIP restarting q at 0 each batch only partly undoes it within
+    T = 4 rounds; carrying q over steps accumulates the rounds and balances further."""
+    cfg = moe_sweep.tiny().replace(steps=10, eval_windows=8, gate_skew=2.0)
+    arms = ["none", "bip_pre_t4", "bip_pre_carry_t4"]
+    out = moe_sweep.run(cfg, arms, [0], max_concurrent=2, experiment="test-moe-sweep-skew", preset="tiny")
+    vio = out["comparison"].set_index("arm")["avg_maxvio_mean"]
+    assert vio["none"] == pytest.approx(3.0)  # the plant works: the plain router is fully collapsed
+    assert vio["bip_pre_carry_t4"] < 0.8 * vio["bip_pre_t4"] < 0.8 * vio["none"]
+    carry = next(t for t in out["trials"] if t["arm"] == "bip_pre_carry_t4")["series"]["maxvio"]
+    restart = next(t for t in out["trials"] if t["arm"] == "bip_pre_t4")["series"]["maxvio"]
+    assert carry[0] == restart[0]  # step 1: both start from q = 0 on the same batch
+    assert sum(carry[1:]) < sum(restart[1:])

@@ -21,7 +21,7 @@ from workers.data.corpus import load_corpus
 from workers.eval import heldout_nll
 from workers.model.config import ConfigError, ModelConfig, MoEConfig, RouterConfig
 from workers.model.moe.balancing import max_vio
-from workers.model.moe.distributed import moe_layers
+from workers.model.moe.distributed import moe_layers, routers
 from workers.model.moe.metrics import MaxVioTracker, straggler_ratio
 from workers.model.transformer import CalibLM
 from workers.training.batches import text_batch
@@ -29,15 +29,21 @@ from workers.training.loop import StepResult, run_steps
 from workers.training.optim import AdamWOptimizer
 from workers.training.schedule import LRSchedule
 
-# arm name -> router settings (anything not named keeps the RouterConfig default)
+# arm name -> router settings (anything not named keeps the RouterConfig default). BIP arms
+# name their q mode explicitly, so a change of the default never changes what an arm ran:
+# bip_<mode>_t<T> restarts q at 0 every batch, bip_<mode>_carry_t<T> carries it across steps.
 ARMS: dict[str, dict] = {
     "none": {"strategy": "none"},
     "aux_loss_0.01": {"strategy": "aux_loss", "alpha": 0.01},
     "aux_loss_0.1": {"strategy": "aux_loss", "alpha": 0.1},
     "loss_free": {"strategy": "loss_free", "bias_rate": 1e-3},
-    "bip_pre_t4": {"strategy": "bip", "bip_mode": "pre", "bip_iters": 4},
-    "bip_pre_t8": {"strategy": "bip", "bip_mode": "pre", "bip_iters": 8},
-    "bip_causal_t4": {"strategy": "bip", "bip_mode": "causal", "bip_iters": 4},
+    "bip_pre_t4": {"strategy": "bip", "bip_mode": "pre", "bip_iters": 4, "bip_q_mode": "restart"},
+    "bip_pre_t8": {"strategy": "bip", "bip_mode": "pre", "bip_iters": 8, "bip_q_mode": "restart"},
+    "bip_causal_t4": {"strategy": "bip", "bip_mode": "causal", "bip_iters": 4, "bip_q_mode": "restart"},
+    "bip_pre_carry_t1": {"strategy": "bip", "bip_mode": "pre", "bip_iters": 1, "bip_q_mode": "carry"},
+    "bip_pre_carry_t2": {"strategy": "bip", "bip_mode": "pre", "bip_iters": 2, "bip_q_mode": "carry"},
+    "bip_pre_carry_t4": {"strategy": "bip", "bip_mode": "pre", "bip_iters": 4, "bip_q_mode": "carry"},
+    "bip_causal_carry_t2": {"strategy": "bip", "bip_mode": "causal", "bip_iters": 2, "bip_q_mode": "carry"},
 }
 
 
@@ -64,6 +70,9 @@ class ExperimentConfig:
     eval_windows: int = 64
     straggler_ep: int = 4  # expert-parallel size assumed for the straggler proxy
     corpus: str = "pydoc"
+    # > 0 plants a collapsed router at step 0: every gate maps a direction shared by all token
+    # embeddings onto expert 0 with this weight (plant_skew); 0 = the plain initialisation
+    gate_skew: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "steps", "batch_size", "eval_windows", "straggler_ep"):
@@ -73,6 +82,8 @@ class ExperimentConfig:
             raise ConfigError(f"seq_len={self.seq_len!r}: must be >= 2")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay!r}: must be >= 0")
+        if self.gate_skew < 0:
+            raise ConfigError(f"gate_skew={self.gate_skew!r}: must be >= 0")
         if self.grad_clip <= 0:
             raise ConfigError(f"grad_clip={self.grad_clip!r}: must be > 0")
         self.schedule  # noqa: B018 - constructing it checks lr, warmup_steps and min_lr_frac
@@ -118,6 +129,18 @@ def batch(tokens: torch.Tensor, cfg: ExperimentConfig, seed: int, step: int) -> 
 
 
 @torch.no_grad()
+def plant_skew(model: CalibLM, skew: float) -> None:
+    """Bias every router towards expert 0: a unit direction u added, 3 times over, to every
+    token embedding (3 sigma of an N(0, 1) embedding's own projection on u, so nearly every
+    token carries it), which every gate maps onto expert 0 with weight `skew`."""
+    d = model.cfg.d_model
+    u = torch.ones(d) / d**0.5  # [D]
+    model.embed_tokens.weight += 3.0 * u
+    for r in routers(model):
+        r.gate.weight[0] += skew * u
+
+
+@torch.no_grad()
 def heldout_global_maxvio(model: CalibLM, windows: torch.Tensor, batch_size: int = 16) -> list[float]:
     """Eval-mode (causal) routing of every held-out window; per layer MaxVio of the summed load."""
     model.eval()
@@ -137,6 +160,8 @@ def train_arm(cfg: ExperimentConfig, arm: str, seed: int, on_step: Callable[[int
     """
     torch.manual_seed(seed)  # same initial weights for every arm of this seed
     model = CalibLM(cfg.model_config(arm))
+    if cfg.gate_skew > 0:
+        plant_skew(model, cfg.gate_skew)
     opt = AdamWOptimizer(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, decay_norms=cfg.decay_norms
     )

@@ -14,6 +14,7 @@ COLUMNS = (
     "maxvio_1_20",
     "avg_maxvio",
     "sup_maxvio",
+    "maxvio_last20",
     "heldout_global_maxvio",
     "heldout_ppl",
     "heldout_bpb",

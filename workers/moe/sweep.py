@@ -95,6 +95,7 @@ _SUMMARY_KEYS = {
     "sup_maxvio",
     "maxvio_step1",
     "maxvio_1_20",
+    "maxvio_last20",
     "heldout_nll",
     "heldout_nll_se",
     "heldout_ppl",

@@ -18,11 +18,19 @@ from workers.training.optim import AdamWOptimizer, Optimizer
 
 
 class DataParallel:
-    groups: EPGroups | None = None  # routers close their step on this rank's loads only
     replicated = True  # every rank holds the same optimizer state
 
     def __init__(self, tc: TrainConfig, world: int) -> None:
         self.tc, self.world = tc, world
+        # routers close their step with this: MaxVio from this rank's loads, the loss-free bias
+        # from the loads of all ranks (as in expert parallelism), so every replica moves it
+        # alike; with this rank's loads only, DDP's buffer broadcast kept rank 0's bias and
+        # rank 1's tokens never moved it
+        self.groups: EPGroups | None = None
+        if world > 1:
+            import torch.distributed as dist
+
+            self.groups = EPGroups(1, world, dist.get_rank(), 0, None, None)
 
     def optimizer(self, model: nn.Module) -> Optimizer:
         module = None

@@ -87,14 +87,49 @@ def loss_free_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> tor
     return bias + rate * torch.sign(load.float().mean() - load.float()).to(bias.dtype)
 
 
-def bip_prices(scores: torch.Tensor, k: int, iters: int, cap: int | None = None) -> torch.Tensor:
+def kth_largest(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """The k-th largest value of x along `dim` (1-based), without sorting.
+
+    A selection, not a sort: near the top (k - 1 rounds of argmax + masking, then one max;
+    the cheapest on short axes such as E experts) or through an unsorted partial top-k on the
+    smaller side, whose min (or max) is the k-th value. Exact: the result is one of x's
+    elements, the same float a full sort would give.
+    """
+    n = x.shape[dim]
+    if not 1 <= k <= n:
+        raise ValueError(f"kth_largest needs 1 <= k <= {n}, got k={k}")
+    # K + 1 <= 4 over E experts: argmax + masking rounds; on CPU 2x faster than torch.topk at
+    # E = 64 and at 8192 x 16, about 25% slower at 1024 x 16 (per-op overhead dominates there)
+    if k <= 4:
+        if k == 1:
+            return x.amax(dim)
+        x = x.clone()
+        for _ in range(k - 1):
+            x.scatter_(dim, x.argmax(dim, keepdim=True), float("-inf"))
+        return x.amax(dim)
+    if k <= n - k + 1:
+        return x.topk(k, dim=dim, sorted=False).values.amin(dim)
+    return x.topk(n - k + 1, dim=dim, largest=False, sorted=False).values.amax(dim)
+
+
+def bip_prices(
+    scores: torch.Tensor,
+    k: int,
+    iters: int,
+    cap: int | None = None,
+    init: torch.Tensor | None = None,
+    token_prices: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Expert prices q [E] >= 0 for one batch, from T block-coordinate dual steps.
 
-    scores [N, E] (no gradient is taken). q starts at 0 for every batch (a carried-over q was
-    seen to stall). Each round:
+    scores [N, E] (no gradient is taken); init [E]: the q to start from (the layer's q of the
+    previous step when q is carried, as the paper maintains it) or None for 0 (restart). Each
+    round:
       p_i = max(0, (K+1)-th largest over experts of s_ij - q_j)      token prices [N]
       q_j = max(0, (cap+1)-th largest over tokens of s_ij - p_i)     expert prices [E]
-    With q fixed, top-K of s - q then fills no expert much beyond cap. Cost O(T * N * E).
+    With q fixed, top-K of s - q then fills no expert much beyond cap. Cost O(T * N * E):
+    two selections per round, no sort. token_prices [N]: the first round's p for `init`, when
+    the caller already has it (the causal router reads it off its routing top-(K+1)).
     """
     n, m = scores.shape
     if not 0 < k < m:
@@ -102,13 +137,17 @@ def bip_prices(scores: torch.Tensor, k: int, iters: int, cap: int | None = None)
     if iters < 1:
         raise ValueError(f"bip_iters must be >= 1, got {iters}")
     cap = capacity(n, m, k) if cap is None else cap
-    s = scores.detach().float()
-    q = s.new_zeros(m)
-    if cap >= n:  # the expert constraints cannot bind: every price stays 0
-        return q
+    s = scores.detach().float()  # [N, E]
+    q = s.new_zeros(m) if init is None else init.detach().to(s).clone()  # [E]
+    if cap >= n:  # the expert constraints cannot bind: every price is 0
+        return q.zero_()
+    s_t = s.t().contiguous()  # [E, N]: the per-expert selection runs over contiguous rows
+    p = token_prices
     for _ in range(iters):
-        p = (s - q).topk(k + 1, dim=1).values[:, k].clamp_min(0)  # [N]
-        q = (s - p[:, None]).topk(cap + 1, dim=0).values[cap].clamp_min(0)  # [E]
+        if p is None:
+            p = kth_largest(s - q, k + 1, dim=1).clamp_min(0)  # [N]
+        q = kth_largest(s_t - p.to(s), cap + 1, dim=1).clamp_min(0)  # [E]
+        p = None
     return q
 
 

@@ -4,6 +4,7 @@ MaxVio (per batch, per layer) = (max_j load_j - mean load) / mean load, with loa
 tokens routed to expert j after selection and before any dropping. A run reports:
   avg_maxvio     mean over steps and layers        sup_maxvio    max over steps and layers
   maxvio_step1   mean over layers at step 1         maxvio_1_20   mean over steps 1-20 and layers
+  maxvio_last20  mean over the last 20% of steps (at least one) and layers
 The straggler proxy of expert parallelism is max rank load / mean rank load.
 """
 
@@ -51,6 +52,7 @@ class MaxVioTracker:
             "sup_maxvio": float(table.max()),
             "maxvio_step1": float(table[0].mean()),
             "maxvio_1_20": float(table[:20].mean()),
+            "maxvio_last20": float(table[-max(1, round(0.2 * len(table))) :].mean()),
         }
 
     def state_dict(self) -> dict:

@@ -8,7 +8,10 @@ registered buffers, so checkpoints carry it:
 - `balance_bias` [E]: the loss-free bias b, updated by `end_step` once per optimizer step.
 - `bip_price` [E]: the BIP price vector q of the last training batch. `pre` routes a batch
   with the q computed on that same batch (it looks at later tokens: training only);
-  `causal` routes with the previous batch's q and then refreshes it.
+  `causal` routes with the previous batch's q and then refreshes it. With
+  `bip_q_mode="carry"` the T dual rounds of a batch start from this q (the paper maintains q
+  across steps); with `"restart"` they start from 0. A checkpoint written before the buffer
+  existed loads with q = 0 (the state of step 1).
 In eval mode every strategy routes each token on its own (causal): loss-free with its bias,
 BIP with q frozen at the last training value.
 """
@@ -22,7 +25,14 @@ import torch
 from torch import nn
 
 from workers.model.config import MoEConfig
-from workers.model.moe.balancing import aux_loss, bip_prices, expert_load, gate_weights, loss_free_update, select_topk
+from workers.model.moe.balancing import (
+    aux_loss,
+    bip_prices,
+    expert_load,
+    gate_weights,
+    loss_free_update,
+    select_topk,
+)
 from workers.model.moe.expert_parallel import all_reduce_sum, gather_rows
 
 
@@ -61,14 +71,27 @@ class Router(nn.Module):
             return select_topk(s, k)
         if not self.training:
             return select_topk(s, k, -self.bip_price)
-        if rc.bip_mode == "causal":
-            idx = select_topk(s, k, -self.bip_price)
-        # the prices of the whole expert-parallel batch: every rank sees the same scores
-        q = bip_prices(gather_rows(s, self.ep_group), k, rc.bip_iters)
+        warm = rc.bip_q_mode == "carry"
         if rc.bip_mode == "pre":
+            # the prices of the whole expert-parallel batch: every rank sees the same scores
+            q = bip_prices(gather_rows(s, self.ep_group), k, rc.bip_iters, init=self.bip_price if warm else None)
             idx = select_topk(s, k, -q)
+        else:
+            # one top-(K+1) of s - q_prev routes the batch (first K) and, when q is carried,
+            # gives the first round's token prices (the (K+1)-th value) for free
+            top = (s - self.bip_price).topk(k + 1, dim=-1)
+            idx = top.indices[:, :k]
+            if warm and self.ep_group is None:
+                q = bip_prices(s, k, rc.bip_iters, init=self.bip_price, token_prices=top.values[:, k].clamp_min(0))
+            else:
+                q = bip_prices(gather_rows(s, self.ep_group), k, rc.bip_iters, init=self.bip_price if warm else None)
         self.bip_price.copy_(q)
         return idx
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints from before the BIP price buffer: q = 0, the state of a run's first step
+        state_dict.setdefault(prefix + "bip_price", torch.zeros_like(self.bip_price))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x [N, D] -> Routing (indices, gates, aux loss, load [E])."""
