@@ -46,6 +46,7 @@ def build(args: ServeArgs) -> Application:
         "max_batch_size": args.max_batch_size,
         "batch_wait_s": args.batch_wait_s,
         "kv_cache_bytes": args.kv_cache_bytes,
+        "max_prefill_tokens": args.max_prefill_tokens,
     }
     if args.max_context is not None:
         engine["max_context"] = args.max_context

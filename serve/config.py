@@ -44,6 +44,7 @@ class ServeArgs(BaseModel):
     batch_wait_s: float = Field(0.002, ge=0, description="wait for companions when idle")
     max_tokens_limit: int = Field(256, ge=1, le=4096, description="largest max_tokens accepted")
     max_context: int | None = Field(None, ge=2, description="prompt+completion tokens (default: model's)")
+    max_prefill_tokens: int = Field(4096, ge=1, description="tokens (padding included) in one prefill forward")
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="KV-cache bytes per replica; requests wait until their cache fits (default: no bound)"
     )

@@ -43,6 +43,10 @@ class EngineConfig:
     max_context: int = 512  # prompt + generated tokens per request
     max_consecutive_failures: int = 3  # steps failing in a row before the replica reports unhealthy
     kv_cache_bytes: int | None = None  # KV-cache bytes the running requests may hold together (None: no bound)
+    # Tokens (padding included) in one prefill forward: its activations, and an eviction scorer's
+    # attention matrix ([B, H, T, T]), grow with it; 16 prompts of 2048 tokens at once ran a 2-core,
+    # 24 GiB machine out of memory. A longer prompt is prefilled alone.
+    max_prefill_tokens: int = 4096
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -51,6 +55,8 @@ class EngineConfig:
             raise ValueError(f"batch_wait_s={self.batch_wait_s!r}: must be >= 0")
         if self.max_context < 2:
             raise ValueError(f"max_context={self.max_context!r}: must be >= 2")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens={self.max_prefill_tokens!r}: must be >= 1")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes!r}: must be >= 1 (or None for no bound)")
 
@@ -236,12 +242,14 @@ class Engine:
 
     # -- model work (worker thread) -----------------------------------------------------------------
     def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
-        """Split by prompt length so padding stays under a quarter of each group's tokens."""
+        """Split by prompt length so padding stays under a quarter of each group's tokens, and each
+        group's padded tokens within max_prefill_tokens."""
         groups: list[list[_Seq]] = []
         for s in sorted(seqs, key=lambda s: len(s.req.prompt_ids)):
             g = groups[-1] if groups else None
             longest = len(s.req.prompt_ids)
-            if g and sum(longest - len(x.req.prompt_ids) for x in g) <= 0.25 * longest * (len(g) + 1):
+            fits = g and longest * (len(g) + 1) <= self.config.max_prefill_tokens
+            if fits and sum(longest - len(x.req.prompt_ids) for x in g) <= 0.25 * longest * (len(g) + 1):
                 g.append(s)
             else:
                 groups.append([s])

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 import torch
-from test_serve_engine import GREEDY, collect, run_all
+from test_serve_engine import GREEDY, collect, make_engine, run_all
 
 from serve.admission import KVReservations, KVShape
 from serve.engine import Engine, EngineConfig, GenRequest
@@ -110,3 +110,23 @@ def test_a_request_larger_than_the_whole_budget_is_refused_before_queueing(tiny_
         Engine(tiny_model, factory, lambda t: bytes([t]), EngineConfig(kv_cache_bytes=100))
     with pytest.raises(ValueError, match="kv_cache_bytes=0"):
         EngineConfig(kv_cache_bytes=0)
+
+
+def test_prefill_forwards_stay_within_max_prefill_tokens(tiny_model):
+    L = tiny_model.cfg.n_layers
+    shapes: list[tuple[int, int]] = []
+    hook = tiny_model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    try:
+        cfg = EngineConfig(max_batch_size=8, max_context=128, max_prefill_tokens=40)
+        engine = Engine(tiny_model, _factory(L, None), lambda t: bytes([t]), cfg)
+        reqs = [GenRequest(list(f"prompt number {i:02d}".encode()), 4, GREEDY) for i in range(6)]  # 16 tokens
+        bounded = run_all(engine, reqs)
+    finally:
+        hook.remove()
+    prefills = [(b, t) for b, t in shapes if t > 1]
+    assert sum(b for b, _ in prefills) == 6 and all(b * t <= 40 for b, t in prefills)
+    assert max(b for b, _ in prefills) == 2  # grouped up to the bound, not one by one
+    unbounded = run_all(make_engine(tiny_model), reqs)
+    assert [o[0] for o in bounded] == [o[0] for o in unbounded]
+    with pytest.raises(ValueError, match="max_prefill_tokens=0"):
+        EngineConfig(max_prefill_tokens=0)
