@@ -4,6 +4,7 @@ real Ray Serve instance (HTTP proxy on 127.0.0.1) with a full-cache and a calibr
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 from serve_util import free_port, wait_ready
@@ -85,6 +86,18 @@ def serve_urls(ray_local, tiny_checkpoint, calib_files):
         wait_ready(u)
     yield urls
     serve.shutdown()
+
+
+@contextmanager
+def one_off_app(serve_urls: dict, name: str, args):
+    """An application for one test, deleted afterwards: the session's logical CPUs are shared with
+    the Ray Train tests, which cannot start while Serve replicas hold them."""
+    from ray import serve
+
+    try:
+        yield _add_app(serve_urls, name, args)
+    finally:
+        serve.delete(name)
 
 
 def _add_app(serve_urls: dict, name: str, args) -> str:

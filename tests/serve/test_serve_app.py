@@ -155,6 +155,9 @@ def test_an_application_that_fails_to_start_is_a_deploy_error(ray_local, serve_u
     weights = next(broken.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
     app = build(ServeArgs(model=str(broken), name="broken", **SMALL_ARGS))
-    with pytest.raises(DeployError, match="'broken' failed to deploy"):
-        deploy({"host": "127.0.0.1", "port": 8000}, [("broken", "/broken", app)])
+    try:
+        with pytest.raises(DeployError, match="'broken' failed to deploy"):
+            deploy({"host": "127.0.0.1", "port": 8000}, [("broken", "/broken", app)])
+    finally:
+        serve.delete("broken")  # its replicas would keep restarting, holding the session's CPUs
     serve.delete("broken")

@@ -126,7 +126,7 @@ def test_calibrated_deployment_holds_fewer_kv_bytes(serve_urls):
 
 def test_a_kv_budget_refuses_what_can_never_fit_and_serves_the_rest(serve_urls, tiny_checkpoint, tiny_model):
     import torch
-    from conftest import SMALL, _add_app
+    from conftest import SMALL, one_off_app
 
     from serve.admission import KVReservations, KVShape
     from serve.config import ServeArgs
@@ -134,14 +134,13 @@ def test_a_kv_budget_refuses_what_can_never_fit_and_serves_the_rest(serve_urls, 
 
     L = tiny_model.cfg.n_layers
     budget = KVReservations(lambda: DynamicCache(L), KVShape.of(tiny_model.cfg, torch.float32))(48)
-    url = _add_app(
-        serve_urls, "kvb", ServeArgs(model=str(tiny_checkpoint), name="tiny", kv_cache_bytes=budget, **SMALL)
-    )
-    r = post(url, {**GOOD, "prompt": "x" * 40, "max_tokens": 30})  # 70 tokens: more than the budget holds
-    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
-    assert f"budget is {budget} bytes" in r.json()["error"]["message"]
-    ok = post(url, GOOD)
-    assert ok.status_code == 200 and ok.json()["usage"]["kv_cache_bytes"] <= budget
+    args = ServeArgs(model=str(tiny_checkpoint), name="tiny", kv_cache_bytes=budget, **SMALL)
+    with one_off_app(serve_urls, "kvb", args) as url:
+        r = post(url, {**GOOD, "prompt": "x" * 40, "max_tokens": 30})  # 70 tokens: more than the budget holds
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert f"budget is {budget} bytes" in r.json()["error"]["message"]
+        ok = post(url, GOOD)
+        assert ok.status_code == 200 and ok.json()["usage"]["kv_cache_bytes"] <= budget
 
 
 def _replica_actors(app: str) -> list[str]:
@@ -193,14 +192,18 @@ def _kill_the_only_replica_mid_request(app: str) -> str:
 def test_a_request_in_flight_on_a_killed_replica_is_sent_again(serve_urls, tiny_checkpoint):
     """Non-streamed: the client has seen nothing, so it gets its answer from the replacement replica.
     Streamed after output: an error event naming the cause, never a silent truncation."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from conftest import SMALL, _add_app
+    from conftest import SMALL, one_off_app
 
     from serve.config import ServeArgs
 
-    small = {**SMALL, "max_tokens_limit": 96}
-    url = _add_app(serve_urls, "kill1", ServeArgs(model=str(tiny_checkpoint), name="tiny", num_replicas=1, **small))
+    args = ServeArgs(model=str(tiny_checkpoint), name="tiny", num_replicas=1, **{**SMALL, "max_tokens_limit": 96})
+    with one_off_app(serve_urls, "kill1", args) as url:
+        _kill_mid_request(url)
+
+
+def _kill_mid_request(url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     body = {**GOOD, "prompt": "A", "max_tokens": 96, "n": 16, "temperature": 1.0, "seed": 3}
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, url, body)
@@ -210,9 +213,8 @@ def test_a_request_in_flight_on_a_killed_replica_is_sent_again(serve_urls, tiny_
     assert killed not in _replica_actors("kill1")
     assert [c["text"] for c in r.json()["choices"]] == [c["text"] for c in post(url, body).json()["choices"]]
     # Streamed: output already sent when the replica dies.
-    with requests.post(
-        f"{url}/v1/completions", json={**body, "n": 1, "stream": True}, stream=True, timeout=120
-    ) as resp:
+    stream = {**body, "n": 1, "stream": True}
+    with requests.post(f"{url}/v1/completions", json=stream, stream=True, timeout=120) as resp:
         lines = resp.iter_lines(decode_unicode=True)
         first = next(x for x in lines if x.startswith("data: "))
         assert "choices" in json.loads(first[len("data: ") :])
