@@ -30,6 +30,8 @@ from pathlib import Path
 
 import requests
 
+from workers.runtime import cli
+
 MODES = ("full-batched", "full-unbatched", "calibrated")
 
 
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             retention=a.retention,
         ),
     }
+    cli.work_started()  # model and calibration checked: errors from here on are the benchmark's
     for attempt in range(3):  # a loaded machine can time a local node's startup out; try again
         try:
             init_ray()
@@ -237,4 +240,4 @@ def report(rows: list[dict], levels: list[int]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

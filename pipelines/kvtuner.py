@@ -39,7 +39,7 @@ from tuning.kvtuner.space import (
 from workers.caches.precision import PREFILL_REGIMES
 from workers.kvtuner.actors import run_jobs, run_profile
 from workers.kvtuner.report import front_rows, plot_heatmap, plot_pareto, select_for_budget
-from workers.model.hf.address import ADDRESS_HELP, DTYPES, dtype_name, load_tokenizer, model_shape
+from workers.model.hf.address import ADDRESS_HELP, DTYPES, check_weights, dtype_name, load_tokenizer, model_shape
 from workers.runtime import cli
 from workers.runtime.cluster import init_ray
 from workers.runtime.pool import ActorPool
@@ -177,15 +177,18 @@ def check_work_dir(cfg: KVTunerConfig, work: Path) -> None:
 
 
 def main(argv=None) -> dict:
+    from workers.runtime import tracking
+
     cfg = parse_args(argv)
+    tracking.check_store()  # an unwritable store fails now, not after MLflow's minutes of retries
     n_layers, head_dim, n_kv_heads = model_shape(cfg.model)  # a missing model fails here, before any work
     cfg.check_model(n_layers)
     tokenizer = load_tokenizer(cfg.model)  # one the model cannot use is refused here, before any work
+    check_weights(cfg.model)  # else a truncated file fails in every actor, replaced again and again
     import mlflow
 
     from workers.data.corpus import load_corpus
     from workers.kvtuner.evaluate import build_data
-    from workers.runtime import tracking
 
     work = Path(cfg.work_dir or f"artifacts/kvtuner/{cfg.name()}").resolve()
     work.mkdir(parents=True, exist_ok=True)
