@@ -31,10 +31,11 @@ NOBODY = 65534
 TIMEOUT_S = 150.0  # a case past this was not refused up front (pipelines on the tiny fixtures finish sooner)
 
 # Small settings per CLI: a bad input that is missed runs the real pipeline, which then ends quickly.
+# PrefixKV: 0.05 of 100 tokens over the tiny 4 layers keeps 20, just the sinks and last tokens.
 KV = ("--calib-n", "2", "--valid-n", "2", "--report-n", "2", "--num-samples", "2", "--population", "2")
 KV += ("--actors", "1", "--cpus-per-actor", "0.5", "--length", "32", "--continuation", "8", "--clusters", "1")
 KV += ("--budget", "4.0", "--baselines", "K8V8", "--no-fidelity2")
-PK = ("--samples", "2", "--workers", "1", "--context", "48", "--continuation", "16", "--eval-samples", "0")
+PK = ("--samples", "2", "--workers", "1", "--context", "100", "--continuation", "16", "--eval-samples", "0")
 PK += ("--cpus-per-worker", "0.5", "--bootstrap", "2")
 IC = ("--retention", "0.5", "--workers", "1", "--worker-cpus", "0.5", "--calib-windows", "2")
 IC += ("--heldout-windows", "2", "--seq-len", "32", "--no-overlap")
@@ -134,7 +135,7 @@ def cases() -> list[Case]:
         Case(tm, "resume: --resume of no run", (*TM, "--resume", "0123456789abcdef"), "0123456789abcdef"),
     ]
     out += _store_cases(tm, TM)
-    ms = ("--preset", "tiny", "--arms", "bip", "--seeds", "0", "--steps", "2", "--cpus-per-trial", "0.5")
+    ms = ("--preset", "tiny", "--arms", "none", "--seeds", "0", "--steps", "2", "--cpus-per-trial", "0.5")
     out += [
         Case("pipelines.moe_sweep", "arms: --arms bogus", (*ms, "--arms", "bogus"), "bogus"),
         Case("pipelines.moe_sweep", "seeds: --seeds x", (*ms, "--seeds", "x"), "x"),
@@ -144,7 +145,8 @@ def cases() -> list[Case]:
     out += [
         Case(ex, "missing-model: no such directory", ("--model", "hf:{tmp}/none", "--pattern", "FS", "--out", "{tmp}/x"), "{tmp}/none"),
         Case(ex, "corrupt-config: config.json not JSON", ("--model", "hf:{hf_badjson}", "--pattern", "FS", "--out", "{tmp}/x"), "config.json"),
-        Case(ex, "pattern: a pattern that is not F/S", ("--model", "hf:{llama}", "--pattern", "FX", "--out", "{tmp}/x"), "FX"),
+        Case(ex, "pattern: a pattern that is not F/S", ("--model", "hf:{glm}", "--pattern", "FX", "--out", "{tmp}/x"), "FX"),
+        Case(ex, "not-glm: a Llama checkpoint", ("--model", "hf:{llama}", "--pattern", "FS", "--out", "{tmp}/x"), "llama"),
     ]  # fmt: skip
     out += [
         Case("pipelines.report", "per-pipeline: --per-pipeline 0", ("--per-pipeline", "0"), "--per-pipeline"),
@@ -181,6 +183,12 @@ def build_fixtures(root: Path) -> dict[str, str]:
             num_key_value_heads=2, max_position_embeddings=128,
         )  # fmt: skip
         LlamaForCausalLM(cfg).save_pretrained(root / "llama")
+
+    if not (root / "glm" / "config.json").is_file():  # the export reads only the config
+        from transformers import GlmMoeDsaConfig
+
+        GlmMoeDsaConfig(num_hidden_layers=2).save_pretrained(root / "glm")
+    fx["glm"] = str(root / "glm")
 
     def damaged(name: str, src: str, fn) -> None:
         d = root / name

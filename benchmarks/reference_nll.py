@@ -80,13 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     run_ids = sys.argv[1:] if argv is None else argv
     if not run_ids:
         raise ValueError("give the MLflow run ids of kvtuner or prefixkv text runs to check")
-    uri = tracking.tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
     for rid in run_ids:  # every id is checked before the first model loads
-        try:
-            mlflow.MlflowClient().get_run(rid)
-        except mlflow.exceptions.MlflowException as e:
-            raise ValueError(f"run {rid!r}: not in the MLflow store {uri} ({e.message})") from None
+        tracking.check_run(rid, "run")
     cli.work_started()
     for rid in run_ids:
         print(json.dumps(check(rid)))

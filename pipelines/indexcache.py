@@ -209,11 +209,8 @@ def load_model(address: str):
 
 def resume_config(run_id: str, **overrides) -> tuple[IndexCacheConfig, SearchState]:
     """The stopped run's config (with runtime overrides) and its last saved search state."""
+    tracking.check_run(run_id)
     client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
-    try:
-        client.get_run(run_id)
-    except mlflow.exceptions.MlflowException as e:
-        raise ValueError(f"--resume {run_id!r}: no such MLflow run ({e})") from e
     with tempfile.TemporaryDirectory() as d:
         try:
             cfg_path = client.download_artifacts(run_id, CONFIG_ARTIFACT, d)

@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     run_file = work / "run_id"
     run_id = run_file.read_text().strip() if run_file.is_file() else None
     if run_id:
-        tracking.mark_failed_if_running(run_id)
+        tracking.mark_failed_if_running(run_id, f"the run of --work-dir {work}")
     params = {
         **cfg.to_params(),
         **corpus.summary(),

@@ -358,6 +358,8 @@ def evaluate(cfg: RunConfig, actors: ActorPool, data, calibrated: dict, workdir:
 def main(argv=None) -> str:
     cfg = parse_args(argv)
     tracking.check_store()  # an unwritable store fails now, not after MLflow's minutes of retries
+    if cfg.resume:
+        tracking.check_run(cfg.resume)
     tokenizer = load_tokenizer(cfg.model)  # errors name the bad value before any work starts
     n_layers = validate_model(cfg, tokenizer)
     check_weights(cfg.model)  # else a truncated file fails in every actor after the run started

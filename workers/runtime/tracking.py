@@ -201,8 +201,23 @@ def start_run(
             raise
 
 
-def mark_failed_if_running(run_id: str) -> None:
-    """A run killed outright stays RUNNING; a resume marks it FAILED before continuing elsewhere."""
+def check_run(run_id: str, what: str = "--resume") -> None:
+    """A run id the user gave names a run of this store; else a TrackingError naming both, raised
+    without creating a store where there is none (MLflow makes an empty database on first query)."""
+    uri = check_store()
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
+    if db is not None and not db.is_file():
+        raise TrackingError(f"{what} {run_id!r}: no such run, the MLflow store {db} does not exist")
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"{what} {run_id!r}: no such run in the MLflow store {uri} ({e.message})") from None
+
+
+def mark_failed_if_running(run_id: str, what: str = "--resume") -> None:
+    """A run killed outright stays RUNNING; a resume marks it FAILED before continuing elsewhere.
+    A run id that is not in the store is bad input (check_run; `what` says where the id came from)."""
+    check_run(run_id, what)
     client = MlflowClient(tracking_uri())
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status="FAILED")
