@@ -312,7 +312,7 @@ def table(outcomes: list[Outcome]) -> str:
     rows = ["| CLI | bad input | outcome | s | message |", "| --- | --- | --- | --- | --- |"]
     for o in outcomes:
         msg = o.message.replace("|", "\\|")
-        msg = re.sub(r"/tmp/\S*?calibray-faults[^/]*", "<tmp>", msg)[:220]
+        msg = re.sub(r"/tmp/\S*?calibray-faults[^/]*", "<tmp>", msg).replace(str(REPO), "<repo>")[:220]
         rows.append(f"| `{o.case.cli}` | {o.case.bad} | {o.verdict()} | {o.seconds:.0f} | {msg} |")
     return f"{clean} of {len(outcomes)} bad inputs give a clear error.\n\n" + "\n".join(rows) + "\n"
 
