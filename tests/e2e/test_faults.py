@@ -6,6 +6,10 @@ no traceback, and neither Ray nor MLflow started (issue 17 item 3).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from benchmarks import faults
@@ -35,8 +39,12 @@ KNOWN = {
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return faults.build_fixtures(tmp_path_factory.mktemp("calibray-faults"))
+def fixtures():
+    # Directly under /tmp, not pytest's tmp_path: its parents are 0700, which the cases that run as
+    # uid 65534 (setpriv, when tests run as root) could not traverse.
+    root = Path(tempfile.mkdtemp(prefix="calibray-faults-"))
+    yield faults.build_fixtures(root)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _check(case_id: str, fixtures) -> None:
