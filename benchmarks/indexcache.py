@@ -32,6 +32,7 @@ from tuning.indexcache.search import SearchState, greedy_search
 from workers.data.corpus import SplitConfig, load_corpus
 from workers.indexcache.evaluate import ShardEvaluator, window_nll
 from workers.indexcache.report import paired
+from workers.runtime import cli
 
 
 def run_search(model, windows, retentions, mode, batch_size, fidelity=None) -> tuple[SearchState, float, int]:
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = checkpoint.load(a.model) if a.model else CalibLM(get_preset("demo")).eval()
     seq_len = a.seq_len or model.cfg.max_seq_len
     results: dict = {"model": a.model or "random-init demo preset"}
+    cli.work_started()  # the model loaded: errors from here on are the benchmark's, with a traceback
     exact = None
     if {"search", "fidelity"} & set(a.parts):
         corpus = load_corpus(split=SplitConfig(seed=a.split_seed))
@@ -192,4 +194,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

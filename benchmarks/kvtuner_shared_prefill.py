@@ -20,6 +20,7 @@ from workers.caches.precision import KVQuantConfig
 from workers.data.corpus import load_corpus
 from workers.kvtuner.evaluate import build_data, cache_factory, logprobs, prefills
 from workers.model.hf.address import load_any, load_tokenizer
+from workers.runtime import cli
 
 
 def main(argv=None) -> dict:
@@ -34,6 +35,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     model, tok = load_any(a.model), load_tokenizer(a.model)
     data = build_data("text", load_corpus(a.corpus), "calib", a.n, 1, a.length, a.continuation, tokenizer=tok)
+    cli.work_started()  # model and data loaded: errors from here on are the benchmark's
     n_layers = model.cfg.n_layers
     probes = [(i % n_layers, PAIRS[i % len(PAIRS)]) for i in range(a.maps)]
     make = lambda layer, pair: cache_factory(
@@ -62,4 +64,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -19,6 +19,7 @@ import torch
 
 from workers.data.corpus import load_corpus
 from workers.model.hf.address import load_tokenizer, local_dir, resolve_dtype
+from workers.runtime import cli, tracking
 
 
 def held_out(pipeline: str, params: dict[str, str], tokenizer) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -74,6 +75,19 @@ def check(run_id: str, batch_size: int = 4) -> dict:
     }
 
 
-if __name__ == "__main__":
-    for rid in sys.argv[1:]:
+def main(argv: list[str] | None = None) -> int:
+    """python -m benchmarks.reference_nll <run_id> ...: one JSON line per run."""
+    run_ids = sys.argv[1:] if argv is None else argv
+    if not run_ids:
+        raise ValueError("give the MLflow run ids of kvtuner or prefixkv text runs to check")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    for rid in run_ids:  # every id is checked before the first model loads
+        tracking.check_run(rid, "run")
+    cli.work_started()
+    for rid in run_ids:
         print(json.dumps(check(rid)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))

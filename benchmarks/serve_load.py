@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         args["full-unbatched"] = ServeArgs(**common, max_batch_size=1, kv_cache_bytes=budget)
     apps = {m: build(x) for m, x in args.items()}  # every calibration resolved before Ray starts
     prompts = heldout_prompts(a.model, a.context - a.max_tokens, max(a.concurrency))
+    cli.work_started()  # model, calibrations and prompts checked: errors from here on are the benchmark's
     run(a, apps, budget, prompts)
 
 

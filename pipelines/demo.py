@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import indexcache, kvtuner, prefixkv
     from workers.runtime.cluster import init_ray
 
+    tracking.check_store()  # before Ray: an unwritable store fails now, naming its path
     init_ray()
     st = Stages(7 if not args.no_serve else 6)
     t0 = time.perf_counter()

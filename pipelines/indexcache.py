@@ -43,7 +43,15 @@ from workers.indexcache.actor import CalibrationPool
 from workers.indexcache.hf_export import glm_config
 from workers.indexcache.report import log_rows
 from workers.model import checkpoint
-from workers.model.hf.address import ADDRESS_HELP, config_file, is_hf_address, is_hf_config, load_tokenizer, read_config
+from workers.model.hf.address import (
+    ADDRESS_HELP,
+    check_weights,
+    config_file,
+    is_hf_address,
+    is_hf_config,
+    load_tokenizer,
+    read_config,
+)
 from workers.runtime import cli, tracking
 from workers.runtime.cluster import init_ray
 
@@ -170,8 +178,9 @@ def is_hf_model(address: str) -> bool:
 
 
 def check_model(address: str) -> int:
-    """Refuse, from the config alone (no weights, before Ray starts), a model IndexCache cannot search;
-    -> the model's longest context."""
+    """Refuse, from the config and the weights' headers (before Ray starts), a model IndexCache cannot
+    search; -> the model's longest context."""
+    check_weights(address)  # a truncated safetensors names its file here, not in safetensors' loader
     if is_hf_model(address):
         from transformers import AutoConfig
 
@@ -200,11 +209,8 @@ def load_model(address: str):
 
 def resume_config(run_id: str, **overrides) -> tuple[IndexCacheConfig, SearchState]:
     """The stopped run's config (with runtime overrides) and its last saved search state."""
+    tracking.check_run(run_id)
     client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
-    try:
-        client.get_run(run_id)
-    except mlflow.exceptions.MlflowException as e:
-        raise ValueError(f"--resume {run_id!r}: no such MLflow run ({e})") from e
     with tempfile.TemporaryDirectory() as d:
         try:
             cfg_path = client.download_artifacts(run_id, CONFIG_ARTIFACT, d)
@@ -375,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--experiment", default="calibray", help="MLflow experiment name")
     p.add_argument("--resume", metavar="RUN_ID", help="continue the stopped search of this MLflow run")
     a = p.parse_args(argv)
+    tracking.check_store()  # an unwritable store fails now, not after MLflow's minutes of retries
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     runtime = {"workers": a.workers, "worker_cpus": a.worker_cpus, "threads": a.threads, "max_steps": a.max_steps}
     if a.resume:

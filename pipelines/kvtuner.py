@@ -39,8 +39,9 @@ from tuning.kvtuner.space import (
 from workers.caches.precision import PREFILL_REGIMES
 from workers.kvtuner.actors import run_jobs, run_profile
 from workers.kvtuner.report import front_rows, plot_heatmap, plot_pareto, select_for_budget
-from workers.model.hf.address import ADDRESS_HELP, DTYPES, dtype_name, load_tokenizer, model_shape
+from workers.model.hf.address import ADDRESS_HELP, DTYPES, check_weights, dtype_name, load_tokenizer, model_shape
 from workers.runtime import cli
+from workers.runtime.cluster import init_ray
 from workers.runtime.pool import ActorPool
 from workers.stats import markdown_table, paired_difference
 
@@ -151,13 +152,6 @@ def parse_args(argv=None) -> KVTunerConfig:
     return KVTunerConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
 
 
-def _ray_init() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
-
-
 # Settings that only place the work, not what it computes: a resume may change them.
 _PLACEMENT = ("actors", "cpus_per_actor", "work_dir", "run_name")
 
@@ -183,15 +177,18 @@ def check_work_dir(cfg: KVTunerConfig, work: Path) -> None:
 
 
 def main(argv=None) -> dict:
+    from workers.runtime import tracking
+
     cfg = parse_args(argv)
+    tracking.check_store()  # an unwritable store fails now, not after MLflow's minutes of retries
     n_layers, head_dim, n_kv_heads = model_shape(cfg.model)  # a missing model fails here, before any work
     cfg.check_model(n_layers)
     tokenizer = load_tokenizer(cfg.model)  # one the model cannot use is refused here, before any work
+    check_weights(cfg.model)  # else a truncated file fails in every actor, replaced again and again
     import mlflow
 
     from workers.data.corpus import load_corpus
     from workers.kvtuner.evaluate import build_data
-    from workers.runtime import tracking
 
     work = Path(cfg.work_dir or f"artifacts/kvtuner/{cfg.name()}").resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -205,7 +202,7 @@ def main(argv=None) -> dict:
     run_file = work / "run_id"
     run_id = run_file.read_text().strip() if run_file.is_file() else None
     if run_id:
-        tracking.mark_failed_if_running(run_id)
+        tracking.mark_failed_if_running(run_id, f"the run of --work-dir {work}")
     params = {
         **cfg.to_params(),
         **corpus.summary(),
@@ -219,7 +216,7 @@ def main(argv=None) -> dict:
     tags = {"corpus_sha256": corpus.sha256, "task": cfg.task}
     with tracking.start_run(PIPELINE, run_name=cfg.run_name, params=params, tags=tags, run_id=run_id) as run:
         run_file.write_text(run.info.run_id)
-        _ray_init()
+        init_ray(log_to_driver=False)  # as before this used init_ray: actor and trial logs stay in Ray's session logs
         out = _run(cfg, work, n_layers, head_dim, n_kv_heads, calib, valid, report)
         for name in sorted(os.listdir(work / "out")):
             mlflow.log_artifact(str(work / "out" / name))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +30,14 @@ import mlflow
 import numpy as np
 import torch
 
-from tuning.prefixkv.search import RATIO_GRID, n_protected, validate_ratio
+from tuning.prefixkv.search import RATIO_GRID, global_budget, n_protected, validate_ratio
 from workers.caches import scorers
 from workers.caches.scoring import ScoreConfig
 from workers.data.corpus import Corpus, load_corpus
 from workers.data.retrieval import eval_set, value_tokens
 from workers.data.tokenizer import Tokenizer
 from workers.eval import bits_per_byte, scored_bytes
-from workers.model.hf.address import ADDRESS_HELP, DTYPES, describe, dtype_name, load_tokenizer
+from workers.model.hf.address import ADDRESS_HELP, DTYPES, check_weights, describe, dtype_name, load_tokenizer
 from workers.prefixkv import artifact
 from workers.prefixkv.actor import PrefixKVActor
 from workers.prefixkv.calibrate import reduce_samples
@@ -109,14 +108,18 @@ class RunConfig:
                 f"--cpus-per-worker must be > 0 and --gpus-per-worker >= 0, got {self.cpus_per_worker}, "
                 f"{self.gpus_per_worker}"
             )
-        # The smallest grid ratio must leave room beyond the sinks and the last token.
+        n_protected(self.context, self.n_sink)  # a context shorter than the sinks fails here; budgets
+        # depend on the model's layer count too: check_budgets, once the model is known
+
+    def check_budgets(self, n_layers: int) -> None:
+        """Every ratio calibrated (the grid) or evaluated keeps at least the sinks and last token of
+        every layer, by the same total-budget rule the actors apply (global_budget)."""
         need = n_protected(self.context, self.n_sink)
         for r in (min(RATIO_GRID), *self.eval_ratios):
-            if math.floor(r * self.context + 0.5) < need:
-                raise ValueError(
-                    f"--context={self.context}: keep ratio {r} keeps {math.floor(r * self.context + 0.5)} tokens "
-                    f"per layer, fewer than the {need} sinks + last token (--n-sink={self.n_sink})"
-                )
+            try:
+                global_budget(r, self.context * n_layers, need * n_layers, n_layers)
+            except ValueError as e:
+                raise ValueError(f"--context={self.context} (--n-sink={self.n_sink}): {e}") from None
 
     def params(self) -> dict:
         d = dataclasses.asdict(self)
@@ -139,6 +142,7 @@ def validate_model(cfg: RunConfig, tokenizer: Tokenizer) -> int:
             f"--context={cfg.context} plus {cfg.sequence_len(tokenizer) - cfg.context} scored tokens exceeds the "
             f"model's max_seq_len={shape.max_seq_len}"
         )
+    cfg.check_budgets(shape.n_layers)
     return shape.n_layers
 
 
@@ -353,8 +357,12 @@ def evaluate(cfg: RunConfig, actors: ActorPool, data, calibrated: dict, workdir:
 
 def main(argv=None) -> str:
     cfg = parse_args(argv)
+    tracking.check_store()  # an unwritable store fails now, not after MLflow's minutes of retries
+    if cfg.resume:
+        tracking.check_run(cfg.resume)
     tokenizer = load_tokenizer(cfg.model)  # errors name the bad value before any work starts
     n_layers = validate_model(cfg, tokenizer)
+    check_weights(cfg.model)  # else a truncated file fails in every actor after the run started
     corpus = load_corpus(cfg.corpus)
     calib_tokens = calibration_data(cfg, corpus, tokenizer)
     held = eval_data(cfg, corpus, tokenizer) if cfg.eval_samples else None

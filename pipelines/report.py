@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.per_pipeline < 1:
-        p.error(f"--per-pipeline={args.per_pipeline}: must be >= 1")
+        raise ValueError(f"--per-pipeline={args.per_pipeline}: must be >= 1")
+    if not Path(args.out).resolve().parent.is_dir():  # before the store is read
+        raise ValueError(f"--out {args.out!r}: the directory {Path(args.out).resolve().parent} does not exist")
     build(Path(args.out), args.per_pipeline, args.run, cited=not args.latest)
     print(f"wrote {args.out}")
     return 0

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests import procs
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -31,13 +33,13 @@ def _cli(args, tmp_path, **env):
 )
 def test_bad_input_is_one_line_and_exit_2(args, names, tmp_path):
     p = _cli(args, tmp_path)
-    assert p.returncode == 2, p.stderr
+    assert p.returncode == 2, procs.output(p)
     assert "Traceback" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith(args[0].split(".")[-1] + ": error:") and names in errors[0]
     assert not (tmp_path / "m.db").exists()  # no MLflow store was touched, so no run
     debug = _cli(args, tmp_path, CALIBRAY_DEBUG="1")
-    assert "Traceback" in debug.stderr and debug.returncode == 1
+    assert "Traceback" in debug.stderr and debug.returncode == 1, procs.output(debug)
 
 
 def test_corrupt_files_are_named(tmp_path):

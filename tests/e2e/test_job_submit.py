@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests import procs
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -58,26 +60,28 @@ def head_and_mlflow(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["RAY_AUTH_MODE"] = "token"
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"  # the job's `python` is this environment's interpreter
-    mlflow_proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlf),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         # the agent's default port (52365) is taken by any other Ray on the machine (the session's own)
-         f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=180,
-    )  # fmt: skip
-    try:
-        _wait_http(f"http://127.0.0.1:{mlf}/health", 120)
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}"}
-    finally:
-        _kill_matching(str(temp_dir))
-        os.killpg(mlflow_proc.pid, signal.SIGKILL)
+    mlflow_cmd = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlf),
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1",
+    ]  # fmt: skip
+    with procs.background(mlflow_cmd, tmp_path / "mlflow-server.log", env=env, start_new_session=True) as mlflow_proc:
+        # check=False here: a failed start must still reach the cleanup below (a half-started head)
+        head = procs.run(
+            [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             # the agent's default port (52365) is taken by any other Ray on the machine (the session's own)
+             f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", "--disable-usage-stats"],
+            check=False, env=env, timeout=180,
+        )  # fmt: skip
+        try:
+            assert head.returncode == 0, procs.output(head)
+            _wait_http(f"http://127.0.0.1:{mlf}/health", 120)
+            _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
+            yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}"}
+        finally:
+            _kill_matching(str(temp_dir))
+            os.killpg(mlflow_proc.pid, signal.SIGKILL)
 
 
 def test_ray_job_submit_runs_a_pipeline_that_logs_to_the_mlflow_server(head_and_mlflow):
@@ -91,12 +95,12 @@ def test_ray_job_submit_runs_a_pipeline_that_logs_to_the_mlflow_server(head_and_
     ]  # fmt: skip
     deadline = time.time() + 180
     while True:  # the head's job agent comes up a little after the dashboard answers
-        done = subprocess.run(cmd, cwd=ROOT, env=h["env"], capture_output=True, text=True, timeout=900)
+        done = procs.run(cmd, check=False, cwd=ROOT, env=h["env"], timeout=900)
         if "No available agent" not in done.stderr + done.stdout or time.time() > deadline:
             break
         time.sleep(3)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "succeeded" in (done.stdout + done.stderr).lower()
+    assert done.returncode == 0, procs.output(done)
+    assert "succeeded" in (done.stdout + done.stderr).lower(), procs.output(done)
     client = MlflowClient(h["mlflow"])
     exp = client.get_experiment_by_name("job-submit")
     (run,) = client.search_runs([exp.experiment_id])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pyarrow as pa
@@ -11,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests import procs
 from workers.caches.protocol import DynamicCache
 from workers.data.corpus import CorpusError, SplitConfig, load_corpus
 from workers.data.retrieval import RetrievalConfig, RetrievalError, eval_set, make_batch
@@ -68,7 +68,7 @@ def test_retrieval_task_format_and_determinism(corpus):
         "from workers.data.corpus import load_corpus; from workers.data.retrieval import eval_set;"
         "print(eval_set(load_corpus().heldout, n=5, seed=3).prompt.sum().item())"
     )
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(2)}
+    outs = {procs.run([sys.executable, "-c", code]).stdout for _ in range(2)}
     assert outs == {f"{data.prompt[:5].sum().item()}\n"}
     seqs, answers = make_batch(corpus.train, RetrievalConfig(max_queries=5), 10, seed=0)
     for s, a in zip(seqs.tolist(), answers):

@@ -76,7 +76,7 @@ def test_resume_skips_finished_samples(pipeline_run, tiny_checkpoint, capsys):
     "extra, match",
     [
         (["--eval-ratios", "0.2,1.5"], "keep ratio"),
-        (["--eval-ratios", "0.01"], "sinks"),
+        (["--eval-ratios", "0.01"], "always-kept"),  # the total-budget rule (global_budget)
         (["--scores", "sum,max"], "--scores"),
         (["--workers", "9"], "--workers"),
         (["--context", "120", "--continuation", "64"], "max_seq_len"),

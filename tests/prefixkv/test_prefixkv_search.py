@@ -169,3 +169,19 @@ def test_schedule_fractions():
         schedule_fractions("h2o", 0.2, 4)
     with pytest.raises(ValueError, match="layers"):
         schedule_fractions("prefixkv", 0.2, 3, cal)
+
+
+def test_the_pipeline_checks_budgets_by_the_rule_the_actors_apply():
+    """--context 96 with 4 layers: 0.05 * 96 = 4.8 rounds to the 5 tokens a layer always keeps, but
+    the total 0.05 * 384 = 19.2 rounds to 19 < 20. The up-front check passed it, the actors refused."""
+    from pipelines.prefixkv import RunConfig
+
+    cfg = RunConfig(model="m", context=96, continuation=16)  # the layer count is not known yet
+    with pytest.raises(ValueError, match=r"--context=96 .*19 tokens over 4 layers, fewer than the 20"):
+        cfg.check_budgets(4)
+    cfg.check_budgets(1)  # one layer: round(4.8) = 5 tokens, exactly the kept ones
+    with pytest.raises(ValueError, match="always-kept"):  # what the actors run: the same rule
+        solve_kth(build_curves([np.ones(96)] * 4, n_sink=4), 0.05)
+    solve_kth(build_curves([np.ones(96)], n_sink=4), 0.05)
+    with pytest.raises(ValueError, match="19 tokens over 4 layers"):
+        plan_counts([0.05] * 4, 96, 0.05, 4)

@@ -26,6 +26,7 @@ from serve_util import free_port
 from serve.app import DeployError, build, deploy
 from serve.calibration import CalibrationError
 from serve.config import ServeArgs
+from tests import procs
 from workers.model.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,28 +107,27 @@ SMALL_ARGS = {"replica_cpus": 0.25, "ingress_cpus": 0.05, "torch_threads": 1, "m
 
 
 def _serve_app(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "serve.app", *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+    return procs.run([sys.executable, "-m", "serve.app", *argv], check=False, timeout=timeout, cwd=ROOT)
 
 
 def test_config_with_a_bad_application_exits_2_naming_it(tmp_path):
     cfg = _config(tmp_path / "serve.yaml", "/no/such/checkpoint")
     r = _serve_app("--config", str(cfg))
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 2, procs.output(r)
     (line,) = r.stderr.strip().splitlines()
     assert "application 'one'" in line and "/no/such/checkpoint" in line and str(cfg) in line
     r = _serve_app("--config", str(tmp_path / "missing.yaml"))
-    assert r.returncode == 2 and "missing.yaml" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "missing.yaml" in r.stderr and "Traceback" not in r.stderr, procs.output(r)
 
 
 def test_config_runs_on_the_port_given_on_the_command_line(tmp_path, tiny_checkpoint):
     port = free_port()
     cfg = _config(tmp_path / "serve.yaml", str(tiny_checkpoint), port=free_port())  # the flag wins
+    stderr = (tmp_path / "serve-app.stderr").open("w")  # printed below: a failing test shows why
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.app", "--config", str(cfg), "--port", str(port)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
         text=True,
         cwd=ROOT,
     )
@@ -145,6 +145,8 @@ def test_config_runs_on_the_port_given_on_the_command_line(tmp_path, tiny_checkp
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
+        stderr.close()
+        print((tmp_path / "serve-app.stderr").read_text(errors="replace")[-procs.TAIL :])
     assert proc.returncode == 0
 
 

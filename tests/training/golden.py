@@ -162,13 +162,14 @@ def logged_curve(client, run_id: str) -> list[list[float]]:
 
 def record_ray(scratch: Path) -> dict:
     """The Ray Train runs of ``ray_configs``, with the pipeline tests' fault injection."""
-    import ray
     from mlflow.tracking import MlflowClient
 
     from pipelines import train_moe
 
     train_moe.ARTIFACTS = scratch / "artifacts"
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")  # as tests/conftest.py
+    from workers.runtime.cluster import init_ray
+
+    init_ray(num_cpus=4)  # as tests/conftest.py
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     cfg = ray_configs()
     out = {"ddp2": logged_curve(client, train_moe.run(cfg["ddp2"], experiment="golden-ddp2"))}

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tuning.prefixkv.search import n_protected, validate_ratio
+from tuning.prefixkv.search import global_budget, n_protected, validate_ratio
 
 SCHEDULES = ("prefixkv", "uniform", "pyramid")
 # PyramidKV's default: the top layer gets 1/beta of the mean budget, the bottom layer 2 - 1/beta.
@@ -45,12 +45,7 @@ def plan_counts(fractions: Sequence[float], n_tokens: int, ratio: float, n_sink:
     if n_layers == 0 or not np.all(np.isfinite(f)) or np.any(f < 0):
         raise ValueError(f"fractions must be a non-empty vector of finite values >= 0, got {f.tolist()}")
     lo = n_protected(n_tokens, n_sink)
-    budget = int(np.floor(r * n_layers * n_tokens + 0.5))
-    if budget < lo * n_layers:
-        raise ValueError(
-            f"keep ratio {r} of {n_tokens} tokens is {budget} over {n_layers} layers, fewer than "
-            f"the {lo * n_layers} always-kept sink and last tokens"
-        )
+    budget = global_budget(r, n_layers * n_tokens, lo * n_layers, n_layers)
     want = f if f.sum() > 0 else np.ones(n_layers)
     # clip(s * want, lo, N) grows monotonically with the scale s: bisect s to meet the budget.
     s_lo, s_hi = 0.0, 1.0

@@ -126,18 +126,27 @@ def build_curves(importances: Sequence, n_sink: int) -> list[LayerCurve]:
     return [build_curve(imp, n_sink) for imp in importances]
 
 
-def budget_total(curves: Sequence[LayerCurve], ratio: float) -> int:
-    """Tokens kept over all layers at `ratio`: round(ratio * sum_l N_l), at least the protected ones."""
+def global_budget(ratio: float, n_tokens: int, n_protected_total: int, n_layers: int) -> int:
+    """Tokens kept over all layers at `ratio`: round(ratio * n_tokens) of the `n_tokens` the layers
+    hold together, refused when fewer than their `n_protected_total` always-kept ones.
+
+    The one budget rule: calibration (`budget_total`), eviction (`plan.plan_counts`) and the
+    pipeline's up-front check of --context all round the total, not each layer, so a context
+    whose per-layer share rounds up (0.05 * 96 = 4.8 -> 5) can still fall short in total (19 < 20)."""
     r = validate_ratio(ratio)
-    total = sum(c.n_tokens for c in curves)
-    budget = int(np.floor(r * total + 0.5))
-    floor = sum(c.n_protected for c in curves)
-    if budget < floor:
+    budget = int(np.floor(r * n_tokens + 0.5))
+    if budget < n_protected_total:
         raise ValueError(
-            f"keep ratio {r} gives {budget} tokens over {len(curves)} layers, fewer than the "
-            f"{floor} always-kept sink and last tokens; raise the ratio or the context length"
+            f"keep ratio {r} gives {budget} tokens over {n_layers} layers, fewer than the "
+            f"{n_protected_total} always-kept sink and last tokens; raise the ratio or the context length"
         )
     return budget
+
+
+def budget_total(curves: Sequence[LayerCurve], ratio: float) -> int:
+    """Tokens kept over all layers at `ratio` (global_budget of the curves' layers)."""
+    total = sum(c.n_tokens for c in curves)
+    return global_budget(ratio, total, sum(c.n_protected for c in curves), len(curves))
 
 
 def _ranked(curves: Sequence[LayerCurve], lo: float, hi: float):

@@ -91,6 +91,10 @@ def _is_byte_level(backend_json: dict) -> bool:
     return any(p.get("type") == "ByteLevel" for p in parts)
 
 
+class TokenizerError(ValueError):
+    """Tokenizer files that cannot be loaded; the message names the directory and the files."""
+
+
 class HFTokenizer:
     """A transformers tokenizer from a local directory (no hub access) behind the `Tokenizer` protocol.
 
@@ -110,7 +114,13 @@ class HFTokenizer:
 
         self.path = Path(path)
         self.name = name or str(path)
-        self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except Exception as e:  # json, the tokenizers library (a bare Exception) and transformers each raise their own
+            files = ", ".join(sorted(f.name for f in self.path.glob("*token*"))) or "no tokenizer files"
+            raise TokenizerError(
+                f"{self.path}: tokenizer files ({files}) do not load: {type(e).__name__}: {e}"
+            ) from None
         self.vocab_size = len(self.hf)
         backend = getattr(self.hf, "backend_tokenizer", None)
         self.byte_level = backend is not None and _is_byte_level(json.loads(backend.to_str()))

@@ -25,13 +25,29 @@ from workers.runtime import tracking
 USER_ERRORS = (ValueError, OSError)
 
 
+_WORK_STARTED = 0
+
+
+def work_started() -> None:
+    """Inputs are checked: an error from here on is the work's failure (traceback), not bad input.
+
+    Pipelines get this from `tracking.start_run`; a benchmark that logs no run calls it once its
+    arguments, files and model are loaded."""
+    global _WORK_STARTED
+    _WORK_STARTED += 1
+
+
+def _started() -> int:
+    return tracking.runs_started() + _WORK_STARTED
+
+
 def run(main: Callable[..., object], argv: list[str] | None = None) -> object:
     """Call `main(argv)`; bad input (raised before any MLflow run started) -> one line, exit 2."""
-    started = tracking.runs_started()
+    started = _started()
     try:
         return main(argv)
     except USER_ERRORS as e:
-        if tracking.runs_started() != started or os.environ.get("CALIBRAY_DEBUG"):
+        if _started() != started or os.environ.get("CALIBRAY_DEBUG"):
             raise
         prog = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "calibray"
         message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message holds

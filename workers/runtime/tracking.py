@@ -55,9 +55,63 @@ def _artifact_location(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
 
 
+def _probe_dir(d: Path, what: str) -> None:
+    """`d` exists (or can be made) and a file can be created in it; else a TrackingError naming it.
+
+    A real write, not os.access: root passes os.access everywhere, read-only mounts fail only on write."""
+    import tempfile
+
+    existing = next((p for p in (d, *d.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise TrackingError(f"{what} {d}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise TrackingError(f"{what} {d}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def check_store(uri: str | None = None) -> str:
+    """Fail in seconds, naming the path, when the local store cannot be written; returns the URI.
+
+    MLflow retries a SQLite store it cannot write for about 109 s, then raises a bare sqlite
+    error. Checked: the database file opens for writing (a write transaction that is rolled
+    back), its directory takes new files (SQLite's journal goes beside the database), and the
+    artifact directory can be written. A tracking server (http) checks its own storage."""
+    import sqlite3
+
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return uri
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if not db.parent.is_dir():
+        raise TrackingError(f"MLFLOW_TRACKING_URI={uri!r}: the directory {db.parent} does not exist")
+    _probe_dir(db.parent, f"MLFLOW_TRACKING_URI={uri!r}: the store's directory")
+    if db.exists():
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=2)
+            try:
+                # A real write, rolled back: a read-only file opens "rw" silently read-only, and
+                # BEGIN IMMEDIATE alone succeeds on it.
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("CREATE TABLE calibray_write_probe (x)")
+                con.rollback()
+            finally:
+                con.close()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e):  # busy with another writer is not an unusable store
+                raise TrackingError(f"MLFLOW_TRACKING_URI={uri!r}: cannot write {db} ({e})") from None
+        except sqlite3.DatabaseError as e:
+            raise TrackingError(f"MLFLOW_TRACKING_URI={uri!r}: {db} is not an SQLite database ({e})") from None
+    location = _artifact_location(uri)
+    if location is not None:
+        _probe_dir(location, "artifact directory")
+    return uri
+
+
 def setup(experiment: str) -> str:
     """Point MLflow at the tracking URI and make sure ``experiment`` exists; returns its id."""
-    uri = tracking_uri()
+    uri = check_store()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -126,8 +180,8 @@ def start_run(
     gets a proper end).
     """
     global _RUNS_STARTED
+    exp_id = setup(experiment)  # an unusable store is bad input: nothing started yet
     _RUNS_STARTED += 1  # from here on an error is the run's failure, not bad input (workers.runtime.cli)
-    exp_id = setup(experiment)
     all_tags = {"pipeline": pipeline, "git_commit": git_commit(), **(tags or {})}
     with mlflow.start_run(
         run_id=run_id,
@@ -147,8 +201,23 @@ def start_run(
             raise
 
 
-def mark_failed_if_running(run_id: str) -> None:
-    """A run killed outright stays RUNNING; a resume marks it FAILED before continuing elsewhere."""
+def check_run(run_id: str, what: str = "--resume") -> None:
+    """A run id the user gave names a run of this store; else a TrackingError naming both, raised
+    without creating a store where there is none (MLflow makes an empty database on first query)."""
+    uri = check_store()
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
+    if db is not None and not db.is_file():
+        raise TrackingError(f"{what} {run_id!r}: no such run, the MLflow store {db} does not exist")
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"{what} {run_id!r}: no such run in the MLflow store {uri} ({e.message})") from None
+
+
+def mark_failed_if_running(run_id: str, what: str = "--resume") -> None:
+    """A run killed outright stays RUNNING; a resume marks it FAILED before continuing elsewhere.
+    A run id that is not in the store is bad input (check_run; `what` says where the id came from)."""
+    check_run(run_id, what)
     client = MlflowClient(tracking_uri())
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status="FAILED")

@@ -93,6 +93,41 @@ def _json(path: Path) -> dict:
         raise HFModelError(f"{path}: not a JSON config ({e})") from None
 
 
+def check_weights(address: str | Path) -> None:
+    """Open the header of every safetensors file the model at `address` loads, before any work.
+
+    A truncated or corrupt file is refused here naming it; without this check it passed the
+    config-only checks and failed in every actor after Ray and an MLflow run had started (where
+    actor replacement repeated the load forever). Only headers are read (safetensors checks that
+    they cover the file); MLflow-hosted weights (runs:/, models:/) are not fetched for this: the
+    actors download them, and what MLflow stored was whole when it was logged."""
+    from safetensors import SafetensorError, safe_open
+
+    from workers.model.checkpoint import WEIGHTS_FILE, CheckpointError
+
+    a = str(address)
+    if a.startswith(("runs:/", "models:/")):
+        return
+    hf = is_hf_address(a) or is_shipped(a) or is_hf_config(read_config(a))
+    error = HFModelError if hf else CheckpointError
+    path = local_dir(a)
+    index = path / f"{WEIGHTS_FILE}.index.json"
+    if index.is_file():  # sharded: the shards the index names
+        files = sorted({path / f for f in _json(index).get("weight_map", {}).values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if hf and any(path.glob("pytorch_model*.bin")):
+            return  # transformers loads the pickle format itself; nothing cheap to check
+        raise error(f"model={a!r}: no weights in {path} (expected {WEIGHTS_FILE})")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise error(f"model={a!r}: {f} is not a readable safetensors file ({e})") from None
+
+
 def is_hf_config(config: dict) -> bool:
     return "model_type" in config
 

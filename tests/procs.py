@@ -1,0 +1,45 @@
+"""External processes in tests: when one fails, the test's failure shows what it wrote.
+
+A bare ``capture_output=True`` with ``check=True`` raises CalledProcessError, whose message
+holds the exit code only: a `ray start --head` that failed on a loaded machine showed nothing of
+Ray's stderr. Everything here puts the output tail into the assertion message (or, for a
+background process, prints its log at teardown, which pytest shows only for a failing test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+TAIL = 4000  # characters of each stream shown: the end is where the error is
+
+
+def output(p: subprocess.CompletedProcess) -> str:
+    """The command, its exit code and the tails of its stdout and stderr, for an assertion message."""
+    out, err = (s if isinstance(s, str) else (s or b"").decode(errors="replace") for s in (p.stdout, p.stderr))
+    cmd = " ".join(map(str, p.args)) if isinstance(p.args, list | tuple) else str(p.args)
+    return f"$ {cmd}\nexit code {p.returncode}\n--- stdout ---\n{out[-TAIL:]}\n--- stderr ---\n{err[-TAIL:]}"
+
+
+def run(cmd: Sequence[str], *, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run capturing text output; with `check`, a non-zero exit fails the test showing it."""
+    p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, **kw)
+    if check:
+        assert p.returncode == 0, output(p)
+    return p
+
+
+@contextlib.contextmanager
+def background(cmd: Sequence[str], log: Path, **kw) -> Iterator[subprocess.Popen]:
+    """A Popen whose stdout and stderr go to `log`; the caller stops it. Its log tail is printed
+    when the block ends (pytest shows printed output of failing tests only), so a server that died
+    or never answered shows why."""
+    with log.open("wb") as f:
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, **kw)
+    try:
+        yield proc
+    finally:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        print(f"--- {log.name} (exit code {proc.poll()}) ---\n{text[-TAIL:]}")
