@@ -152,6 +152,7 @@ def run(
     from workers.runtime.cluster import init_ray
 
     if resume:
+        tracking.check_run(resume)  # without creating an empty store where there is none
         tracking.setup(experiment)
         tracking.mark_failed_if_running(resume)
     params = {

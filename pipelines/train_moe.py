@@ -203,6 +203,9 @@ def run(
     extra: dict | None = None,
 ) -> str:
     """Train, evaluate on held-out data, log everything; returns the MLflow run id."""
+    tracking.check_store()  # before anything is written: an unwritable store is named in seconds
+    if resume:
+        tracking.check_run(resume)  # without creating an empty store where there is none
     corpus = load_corpus(tc.corpus)
     write_shards(corpus, ARTIFACTS / "data")
     resume_dir = None

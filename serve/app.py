@@ -199,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         http = {"host": a.host or "127.0.0.1", "port": a.port or 8000}
         apps = [("calibray", "/", build(args))]
-    import ray  # only now: every application built, so bad input never waits for a cluster
+    # Only now: every application built, so bad input never waits for a cluster.
+    from workers.runtime.cluster import init_ray
 
-    ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
+    init_ray()  # RAY_ADDRESS joins a cluster; otherwise a local one, every service on 127.0.0.1
     try:
         url = deploy(http, apps)
         for name, route_prefix, _ in apps:

@@ -26,16 +26,8 @@ CI = (
     "kvtuner/hf-corrupt-tokenizer",
     "indexcache/corrupt-config",
 )
-# Known failures, with why (docs/RELIABILITY.md); xfail(strict) so a fix is noticed.
-KNOWN = {
-    # train_moe (owned elsewhere this round) writes its data shards into the repository's
-    # artifacts/ before it opens the store; uid 65534 cannot write there, so that error comes first.
-    "train_moe/readonly-store": "train_moe writes artifacts/ before the store is checked",
-    "train_moe/unwritable-store-dir": "train_moe writes artifacts/ before the store is checked",
-    # train_moe --resume calls tracking.setup (which creates the store) before the run id is checked:
-    # the error is one clear line, but an empty store file is left.
-    "train_moe/resume": "train_moe creates the store before checking --resume",
-}
+# Known failures, with why (docs/RELIABILITY.md); xfail(strict) so a fix is noticed. None now.
+KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
