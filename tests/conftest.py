@@ -120,6 +120,22 @@ def tiny_llama_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def llama_3l(tiny_llama_dir):
+    """A 3-layer random byte-vocabulary Llama (the calibrated-cache tests' model)."""
+    return tiny_llama_dir("llama_3l", hidden_size=64, intermediate_size=128, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="session")
+def kv_precision_3l(tmp_path_factory):
+    """A kv_precision.json for 3 layers (K8V4, KV2, K4V2; G=R=8) at budget 3.0."""
+    from workers.caches.precision import KVQuantConfig
+    from workers.kvtuner import artifact
+
+    qc = KVQuantConfig(("K8V4", "KV2", "K4V2"), group=8, residual=8)
+    return artifact.write_map(tmp_path_factory.mktemp("kvp") / artifact.FILE_NAME, qc, budget=3.0)
+
+
 def train_bpe(texts: list[str], path: Path, vocab_size: int = 512, special_tokens: tuple[str, ...] = (), **hf_kw):
     """A real byte-level BPE tokenizer trained on `texts`, saved as Hugging Face tokenizer files in
     `path` (special tokens are part of the vocabulary; hf_kw, e.g. eos_token and chat_template, go to

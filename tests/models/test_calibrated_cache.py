@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.hf_generate import greedy, plain_model
 from workers.caches.precision import KVQuantConfig
 from workers.caches.quantized import make_cache
 from workers.kvtuner import artifact
@@ -14,63 +15,39 @@ from workers.model.hf.calibrated_cache import CalibratedCache
 PROMPT, NEW = 40, 6
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir):
-    return tiny_llama_dir("calib_cache_llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3)
-
-
-@pytest.fixture(scope="module")
-def precision_file(tmp_path_factory):
-    qc = KVQuantConfig(("K8V4", "KV2", "K4V2"), group=8, residual=8)
-    return artifact.write_map(tmp_path_factory.mktemp("kvp") / artifact.FILE_NAME, qc, budget=3.0)
-
-
 def _plain(path):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+    return plain_model(path)
 
 
 def _generate(model, ids, cache=None):
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
-        max_new_tokens=NEW,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-    )  # fmt: skip  (an explicit mask: random ids include the pad id 0)
-    return out.sequences, torch.stack(out.logits, 1)  # [B, P + NEW], [B, NEW, V]
+    return greedy(model, ids, NEW, cache)
 
 
 @torch.no_grad()
-def test_generate_with_the_calibrated_cache_equals_the_projects_evaluation(llama, precision_file):
+def test_generate_with_the_calibrated_cache_equals_the_projects_evaluation(llama_3l, kv_precision_3l):
     ids = torch.randint(0, 256, (2, PROMPT), generator=torch.Generator().manual_seed(3))
-    model = _plain(llama)
-    cache = CalibratedCache.from_kv_precision(precision_file, model)
+    model = _plain(llama_3l)
+    cache = CalibratedCache.from_kv_precision(kv_precision_3l, model)
     seq, logits = _generate(model, ids, cache)
     assert cache.proto.nq == [32, 32, 32] and cache.proto.n == [PROMPT + NEW - 1] * 3  # codes are stored
     # the project's own path: the same map and regime through HFCausalLM, fed the generated tokens
-    ours = load_hf(f"hf:{llama}")
+    ours = load_hf(f"hf:{llama_3l}")
     proto = make_cache(cache.config, 3, "packed")
     steps = [ours(ids, cache=proto).logits[:, -1]]
     for t in range(PROMPT, PROMPT + NEW - 1):
         steps.append(ours(seq[:, t : t + 1], cache=proto).logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=0, atol=1e-4)
     # the cache is on the path: full-precision generation scores differently
-    _, full = _generate(_plain(llama), ids)
+    _, full = _generate(_plain(llama_3l), ids)
     torch.testing.assert_close(full[:, 0], logits[:, 0], rtol=0, atol=1e-4)  # the prefill attends full precision
     assert (full[:, 1:] - logits[:, 1:]).abs().max() > 1e-3  # decode reads the quantized prompt
 
 
 @torch.no_grad()
-def test_full_precision_prefill_logits_equal_the_full_models_and_the_next_step_differs(llama):
+def test_full_precision_prefill_logits_equal_the_full_models_and_the_next_step_differs(llama_3l):
     """prefill="full" (default): prefill logits == full precision exactly; the next step's differ.
     prefill="quantized": the prefill's own logits already move."""
-    model = load_hf(f"hf:{llama}")
+    model = load_hf(f"hf:{llama_3l}")
     ids = torch.randint(0, 256, (2, PROMPT + 1), generator=torch.Generator().manual_seed(4))
     n = model.cfg.n_layers
     full = make_cache(None, n)
@@ -84,8 +61,8 @@ def test_full_precision_prefill_logits_equal_the_full_models_and_the_next_step_d
         assert (model(ids[:, :PROMPT], cache=old).logits - ref_pre).abs().max() > 1e-3
 
 
-def test_a_map_for_another_depth_is_refused(llama, tmp_path):
+def test_a_map_for_another_depth_is_refused(llama_3l, tmp_path):
     qc = KVQuantConfig(("KV4", "KV4"), group=8, residual=8)
     path = artifact.write_map(tmp_path / artifact.FILE_NAME, qc)
     with pytest.raises(ValueError, match="2-layer map for a 3-layer model"):
-        CalibratedCache.from_kv_precision(path, _plain(llama))
+        CalibratedCache.from_kv_precision(path, _plain(llama_3l))
