@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import ray
-from ray.exceptions import ActorDiedError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from tests.workers.runtime.pool_actors import Scale, Shard
 from workers.runtime.pool import ATTEMPTS, ActorPool
@@ -45,6 +47,20 @@ def test_map_gives_up_on_work_that_kills_every_actor(ray_local):
     pool.close()
 
 
+def _kill(actor) -> None:
+    """Kill an actor and wait until it is dead: ray.kill is asynchronous, and a call made right after
+    it could still be answered (then no replacement happens and the test would count one too few)."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=10)
+        except (RayActorError, GetTimeoutError):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed actor kept answering for 60 s")
+
+
 def _shard_steps(kill: dict[int, str]) -> tuple[list[list[float]], int]:
     """Per step: every shard's total, then commit offset + 1; `kill` {step: "total" | "shift"} kills actor 1 first."""
     committed = {"offset": 0.0}
@@ -58,11 +74,11 @@ def _shard_steps(kill: dict[int, str]) -> tuple[list[list[float]], int]:
     totals = []
     for step in range(3):
         if kill.get(step) == "total":
-            ray.kill(pool.actors[1], no_restart=True)
+            _kill(pool.actors[1])
         totals.append(pool.each(lambda actor, s: actor.total.remote()))
         committed["offset"] += 1.0
         if kill.get(step) == "shift":
-            ray.kill(pool.actors[1], no_restart=True)
+            _kill(pool.actors[1])
         # the replacement is set to the committed offset already: shifting it again would double count
         pool.each(lambda actor, s: actor.shift.remote(1.0), repeat=False)
     assert pool.each(lambda actor, s: actor.total.remote(), 1) == [totals[-1][0] + 2.0]  # first n actors only
