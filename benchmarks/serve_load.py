@@ -188,10 +188,11 @@ def full_cache_bytes(model: str, context: int, seqs: float) -> int:
 
     from serve.admission import KVReservations, KVShape
     from workers.caches.protocol import DynamicCache
-    from workers.model.hf.address import describe
+    from workers.model.hf.address import describe, resolve_dtype
 
     d = describe(model)
-    dtype = torch.bfloat16 if torch.cuda.is_available() and d.model_type != "calib" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as serve.model_server picks it
+    dtype = torch.float32 if d.model_type == "calib" else resolve_dtype(None, device)
     shape = KVShape(d.n_layers, d.n_kv_heads, d.head_dim, dtype)
     return int(seqs * KVReservations(lambda: DynamicCache(d.n_layers), shape)(context))
 

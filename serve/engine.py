@@ -130,11 +130,19 @@ class Engine:
         self.peak_active = 0  # most requests decoded together so far
 
     # -- public ---------------------------------------------------------------------------------
-    async def kv_reservation(self, n_tokens: int) -> int:
-        """Bytes a request of n_tokens (prompt + max_tokens) reserves; 0 without a KV budget."""
-        if self.config.kv_cache_bytes is None:
-            return 0
-        return await asyncio.to_thread(self.reserve, n_tokens)  # the first of a length bucket builds a cache
+    async def kv_reservation(self, n_tokens: int) -> tuple[int, str | None]:
+        """(bytes a request of n_tokens, prompt + max_tokens, reserves; why it can never be admitted,
+        or None). (0, None) without a KV budget."""
+        budget = self.config.kv_cache_bytes
+        if budget is None:
+            return 0, None
+        need = await asyncio.to_thread(self.reserve, n_tokens)  # the first of a length bucket builds a cache
+        if need <= budget:
+            return need, None
+        return need, (
+            f"prompt + max_tokens ({n_tokens} tokens) needs {need} bytes of KV cache; "
+            f"this replica's budget is {budget} bytes"
+        )
 
     async def generate(self, req: GenRequest) -> AsyncIterator[dict]:
         """Raises ValueError (before queueing) for a request that can never run: longer than the context,
@@ -145,12 +153,9 @@ class Engine:
                 f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
                 f"the context of {self.config.max_context} tokens"
             )
-        reserved = await self.kv_reservation(n)
-        if self.config.kv_cache_bytes is not None and reserved > self.config.kv_cache_bytes:
-            raise ValueError(
-                f"prompt + max_tokens ({n} tokens) needs {reserved} bytes of KV cache; this replica's "
-                f"budget is {self.config.kv_cache_bytes} bytes"
-            )
+        reserved, never = await self.kv_reservation(n)
+        if never:
+            raise ValueError(never)
         self._ensure_loop()
         seq = _Seq(req, self.cache_factory(), make_generator(req.seed), TextStream(req.stop), asyncio.Queue())
         seq.reserved = reserved

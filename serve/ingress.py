@@ -169,13 +169,13 @@ async def _merge(streams: list[tuple], reopen) -> AsyncIterator[tuple[int, dict,
                 except RETRYABLE as e:
                     if sent:
                         why = f"the replica serving this request died after it streamed output ({type(e).__name__})"
-                        await queue.put((i, {"type": "error", "message": why + "; send the request again"}))
+                        ev = {"type": "error", "message": why + "; send the request again", "code": "unavailable"}
+                        await queue.put((i, ev))
                         return
                     stream, _ = await reopen(i)  # the same prompt: its first event is the one already sent
         except RETRYABLE as e:
-            await queue.put(
-                (i, {"type": "error", "message": f"no replica could take the request ({type(e).__name__})"})
-            )
+            why = f"no replica could take the request ({type(e).__name__})"
+            await queue.put((i, {"type": "error", "message": why, "code": "unavailable"}))
         finally:
             await queue.put((i, None))
 
@@ -193,9 +193,9 @@ async def _merge(streams: list[tuple], reopen) -> AsyncIterator[tuple[int, dict,
             t.cancel()
 
 
-def _stream_error(message: str) -> str:
-    """An error inside a stream that already answered 200 (a replica died mid-stream, a failed step)."""
-    code = "unavailable" if "replica" in message else None
+def _stream_error(ev: dict) -> str:
+    """An error event inside a stream that already answered 200 (a replica died mid-stream, a failed step)."""
+    message, code = ev["message"], ev.get("code")
     return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
 
 
@@ -302,7 +302,7 @@ class Ingress:
             elif ev["type"] == "done":
                 yield chunk(i, "", s.finish_reason)
             elif ev["type"] == "error":
-                yield _stream_error(ev["message"])
+                yield _stream_error(ev)
         if req.include_usage():
             yield CompletionResponse(
                 id=cid, created=created, model=self.name, choices=[], usage=_usage(seqs, req.n)
@@ -353,7 +353,7 @@ class Ingress:
             elif ev["type"] == "done":
                 yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=s.finish_reason)])
             elif ev["type"] == "error":
-                yield _stream_error(ev["message"])
+                yield _stream_error(ev)
         if req.include_usage():
             yield chunk([], _usage(seqs, req.n))
 

@@ -163,15 +163,8 @@ class ModelServer:
 
     async def _check_kv(self, n_tokens: int) -> dict | None:
         """A request whose KV cache alone exceeds the replica's KV budget can never be admitted."""
-        budget = self.engine.config.kv_cache_bytes
-        need = await self.engine.kv_reservation(n_tokens)
-        if budget is not None and need > budget:
-            return _bad(
-                "max_tokens",
-                f"prompt + max_tokens ({n_tokens} tokens) needs {need} bytes of KV cache; "
-                f"this deployment's budget is {budget} bytes per replica",
-            )
-        return None
+        _, never = await self.engine.kv_reservation(n_tokens)
+        return None if never is None else _bad("max_tokens", never)
 
     async def generate(self, body: dict) -> AsyncIterator[dict]:
         """body: one prompt of a validated request (serve.ingress). Yields events (see module docstring)."""
