@@ -3,7 +3,8 @@
 CPU (always): our reference paths against the naive PyTorch formulations
   - sparse attention (gather + masked softmax over k = 256 indices) vs dense causal attention
     (naive einsum + softmax, and torch's fused scaled_dot_product_attention) at L = 2048, 8192;
-  - packed-KV decode (KIVI, 8/4/2 bits) vs full-precision decode over the same cache;
+  - packed-KV decode (KIVI, 8/4/2 bits) vs full-precision decode over the same cache, the
+    reference and the compiled CPU kernel (against SDPA, and against dequantize + SDPA);
   - indexer logits chunked vs naive (time and largest intermediate).
 GPU (only when CUDA is present): each Triton kernel against its reference, and against the
 card's measured copy bandwidth (memory-bound kernels) or bf16 matmul throughput.
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention_received.reference import attention_received as received_ref
+from kernels.decode_attention import cpu as decode_cpu
 from kernels.decode_attention.reference import decode_attention as decode_ref
 from kernels.decode_attention.reference import decode_attention_dense
 from kernels.indexer_logits.reference import indexer_logits as indexer_ref
@@ -108,6 +110,7 @@ def cpu_decode(rows: list, s: int, repeats: int) -> None:
     pos, win_pos, q_pos = torch.arange(s)[None], torch.arange(s, s + w)[None], torch.tensor([[s + w - 1]])
     k_full, v_full, pos_full = torch.cat([k, k_win], 1), torch.cat([v, v_win], 1), torch.cat([pos, win_pos], 1)
     full = lambda: decode_attention_dense(q, k_full, v_full, pos_full, q_pos)
+    sdpa = lambda: _sdpa(q, k_full, v_full)
     fp16_bytes = 2 * (s + w) * hkv * dh * 2
     for kb, vb in [(8, 8), (4, 4), (4, 2), (2, 2)]:
         kp, vp = quant_ref(k, kb, "kivi", "k", 32), quant_ref(v, vb, "kivi", "v", 32)
@@ -116,6 +119,23 @@ def cpu_decode(rows: list, s: int, repeats: int) -> None:
         held = kp.nbytes() + vp.nbytes() + 2 * w * hkv * dh * 2
         shape = f"S={s}+{w} H={h} Hkv={hkv} Dh={dh} K{kb}V{vb} kivi; bytes {held / fp16_bytes:.2f}x of fp16"
         rows.append(("packed-KV decode (reference) vs full-precision decode", shape, t_packed, t_full))
+        if not decode_cpu.available():
+            continue
+        # What serving runs: the compiled kernel against full-precision SDPA (the model's own
+        # attention) and against reading the packed cache as tensors first (dequantize, then SDPA).
+        fused = lambda kp=kp, vp=vp: decode_cpu.decode_attention(q, kp, vp, pos, k_win, v_win, win_pos, q_pos)
+        rows.append(
+            ("packed-KV decode (compiled CPU) vs full-precision SDPA", shape, *bench_pair(fused, sdpa, repeats))
+        )
+        read = lambda kp=kp, vp=vp: _sdpa(
+            q, torch.cat([dequant_ref(kp), k_win], 1), torch.cat([dequant_ref(vp), v_win], 1)
+        )
+        rows.append(("packed-KV decode (compiled CPU) vs dequantize + SDPA", shape, *bench_pair(fused, read, repeats)))
+
+
+def _sdpa(q, k, v):
+    """Decode attention as the models run it: q [B, 1, H, Dh], k/v [B, S, Hkv, Dh] (every key visible)."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
 
 
 def largest_intermediate(fn: Callable[[], torch.Tensor]) -> int:

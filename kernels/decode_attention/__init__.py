@@ -5,7 +5,8 @@ Serving calls this for every decode step of a KVTuner-quantized layer:
     out = decode_attention(q, k_packed, v_packed, packed_pos, k_win, v_win, win_pos, q_pos)
 
 The Triton kernel is split-K over the packed slots with one specialisation per (k_bits, v_bits)
-(compile-time constants); the reference dequantizes block by block. Semantics: reference.py.
+(compile-time constants); on CPU a compiled C++ kernel (cpu.py) fuses the dequantize into the
+attention; the reference dequantizes block by block. Semantics: reference.py.
 """
 
 from __future__ import annotations
@@ -13,11 +14,18 @@ from __future__ import annotations
 import torch
 
 from kernels._dispatch import check, triton_module, use_triton
+from kernels.decode_attention import cpu
 from kernels.decode_attention.reference import decode_attention as decode_attention_reference
 from kernels.decode_attention.reference import decode_attention_dense
 from kernels.kv_quant.reference import PackedKV
 
-__all__ = ["decode_attention", "decode_attention_dense", "decode_attention_reference"]
+__all__ = ["decode_attention", "decode_attention_dense", "decode_attention_reference", "has_fast_path"]
+
+
+def has_fast_path(q: torch.Tensor) -> bool:
+    """True when decode_attention on q's device beats dequantizing the cache and attending
+    (Triton on GPU, the compiled kernel on CPU); otherwise callers should read the cache as tensors."""
+    return use_triton(q) or cpu.available()
 
 
 def decode_attention(
@@ -69,4 +77,6 @@ def decode_attention(
         return triton_module("decode_attention").decode_attention(
             q, k_packed, v_packed, packed_pos, k_win, v_win, win_pos, q_pos, scale
         )
+    if cpu.available():
+        return cpu.decode_attention(q, k_packed, v_packed, packed_pos, k_win, v_win, win_pos, q_pos, scale)
     return decode_attention_reference(q, k_packed, v_packed, packed_pos, k_win, v_win, win_pos, q_pos, scale)

@@ -58,3 +58,38 @@ def test_no_window_and_nothing_visible():
 def test_triton_matches_reference(force_triton, k_bits, v_bits, mode):
     args = _cache(k_bits, v_bits, b=1, mode=mode, seed=k_bits)
     assert_close("out", decode_attention(*args), reference(*args), 1e-5)
+
+
+@pytest.mark.parametrize("k_bits,v_bits,mode,dh", [(4, 2, "kivi", 48), (8, 2, "per_token", 20)])
+def test_cpu_kernel_matches_reference(k_bits, v_bits, mode, dh):
+    """The compiled CPU path (one kivi pair; per_token with a partly filled last code word)."""
+    from kernels.decode_attention import cpu
+
+    assert cpu.available(), "the CPU decode kernel did not build (see kernels/decode_attention/cpu.py)"
+    args = _cache(k_bits, v_bits, b=2, t=1, dh=dh, mode=mode, seed=k_bits + dh)
+    assert_close("out", cpu.decode_attention(*args), reference(*args), 1e-5)
+    no_window = (*args[:4], None, None, None, args[7])
+    assert_close("out", cpu.decode_attention(*no_window), reference(*no_window), 1e-5)
+
+
+def test_without_a_compiler_the_reference_path_serves(tmp_path):
+    """No C++ compiler: one warning, no fast path, decode_attention is the reference, a packed view
+    is read as tensors. In a fresh process, since the build is attempted once per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, logging; logging.basicConfig()\n"
+        "from kernels.decode_attention import cpu, decode_attention, has_fast_path\n"
+        "from kernels.decode_attention.reference import decode_attention as ref\n"
+        "from tests.kernels.test_decode_attention import _cache\n"
+        "assert not cpu.available() and not has_fast_path(torch.zeros(1))\n"
+        "args = _cache(4, 2, t=1)\n"
+        "assert torch.equal(decode_attention(*args), ref(*args))\n"
+        "print('fallback ok')\n"
+    )
+    env = {**__import__("os").environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    env.pop("CALIBRAY_FORCE_TRITON", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "fallback ok" in r.stdout, r.stderr[-3000:]
+    assert "did not build" in r.stderr

@@ -32,6 +32,7 @@ from kernels.kv_quant import BITS, PackedKV, quantize_pack, unpack_dequantize
 from tuning.prefixkv.plan import plan_counts
 from tuning.prefixkv.search import n_protected
 from workers.caches import CACHES
+from workers.caches.packed_view import PackedKVView
 from workers.caches.precision import PREFILL_REGIMES
 from workers.caches.protocol import KVView
 from workers.caches.scoring import ScoreConfig, received, static_scores
@@ -229,9 +230,13 @@ class ComposedCache:
         return _cat(st.q_pos, st.pos)
 
     # -- internals ----------------------------------------------------------------------------
-    def _view(self, layer: int, dtype: torch.dtype) -> KVView:
+    def _view(self, layer: int, dtype: torch.dtype) -> KVView | PackedKVView:
         st = self.layers[layer]
         k, v = st.k, st.v
+        if isinstance(st.qk, PackedKV) and isinstance(
+            st.qv, PackedKV
+        ):  # left packed: a decode step attends the codes (workers.caches.packed_view)
+            return PackedKVView(st.qk, st.qv, st.q_pos, k, v, st.pos, _cat(st.q_idx, st.idx), dtype)
         if st.qk is not None:
             k = torch.cat([_dequantized(st.qk, dtype), k], 1)
             v = torch.cat([_dequantized(st.qv, dtype), v], 1)

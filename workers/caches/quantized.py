@@ -27,6 +27,7 @@ import torch
 
 from kernels.kv_quant import PackedKV, fake_quantize, quantize_pack, unpack_dequantize
 from workers.caches import CACHES
+from workers.caches.packed_view import PackedKVView
 from workers.caches.precision import KVQuantConfig
 from workers.caches.protocol import DynamicCache, KVView
 
@@ -255,8 +256,13 @@ class PackedKVCache(_QuantizedCache):
             return torch.cat([unpack_dequantize(kp, dtype), kw], 1), torch.cat([unpack_dequantize(vp, dtype), vw], 1)
         return kw, vw
 
-    def _view(self, layer: int, dtype: torch.dtype) -> KVView:
-        return self._stored_view(layer, *self._dequantized(layer, dtype))
+    def _view(self, layer: int, dtype: torch.dtype) -> KVView | PackedKVView:
+        """What is stored, with the packed part left packed (read as tensors only if asked)."""
+        kp, vp, ppos, kw, vw, wpos = self.packed_view(layer)
+        if kp is None or not kp.length:
+            return self._stored_view(layer, kw, vw)
+        idx = None if self.idx[layer] is None else self.idx[layer][:, : self.n[layer]]
+        return PackedKVView(kp, vp, ppos, kw, vw, wpos, idx, dtype)
 
     def _kv_bytes(self, layer: int) -> tuple[int, int]:
         if self.kw[layer] is None:

@@ -158,7 +158,12 @@ class Attention(nn.Module):
 
         kl = None
         if ctx.mode == "dense":
-            out = dense_attention(q, view.k, view.v, ctx.pos, view.pos)
+            # A packed cache's decode step attends its codes directly (workers.caches.packed_view);
+            # an observer reads the keys, so then the view is read as tensors.
+            fused = getattr(view, "fused_attend", None) if ctx.observer is None else None
+            out = fused(q, ctx.pos) if fused is not None else None
+            if out is None:
+                out = dense_attention(q, view.k, view.v, ctx.pos, view.pos)
             if ctx.indexer_loss and self.indexer is not None and is_full:
                 kl = self._indexer_kl(xi, q, view, ctx, idx=None)
         else:

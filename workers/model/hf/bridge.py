@@ -57,6 +57,13 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     layer = module.layer_idx
     q_pos = bridge.q_pos  # [B, T]
     k_pos = bridge.k_pos[layer]  # [B, S]
+    view, bridge.views[layer] = bridge.views[layer], None
+    if view is not None:  # BridgeLayer left it unread: attend the codes, else read it as tensors now
+        if bridge.observer is None and not sliding_window:
+            out = view.fused_attend(query.transpose(1, 2), q_pos, scaling)
+            if out is not None:
+                return out.to(query.dtype).contiguous(), None
+        key, value = view.k.transpose(1, 2), view.v.transpose(1, 2)
     if bridge.observer is not None:
         bridge.observer(layer, query.transpose(1, 2), key.transpose(1, 2), q_pos, k_pos)
     allowed = (k_pos[:, None, None, :] <= q_pos[:, None, :, None]) & (k_pos[:, None, None, :] >= 0)
@@ -110,6 +117,11 @@ class BridgeLayer(ProtocolLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         view = self.write(key_states, value_states, self.owner.q_pos)
         self.owner.k_pos[self.layer] = view.pos
+        if hasattr(view, "fused_attend"):
+            # Not read here: the attention may attend the packed codes without dequantizing them.
+            # The model hands these placeholders straight to the attention function, which uses the view.
+            self.owner.views[self.layer] = view
+            return key_states[:, :, :0], value_states[:, :, :0]
         return view.k.transpose(1, 2), view.v.transpose(1, 2)
 
 
@@ -119,6 +131,7 @@ class BridgeCache(Cache):
     def __init__(self, proto, n_layers: int, q_pos: torch.Tensor, observer=None):
         self.proto, self.q_pos, self.observer = proto, q_pos, observer
         self.k_pos: list[torch.Tensor | None] = [None] * n_layers
+        self.views: list = [None] * n_layers  # views BridgeLayer left for the attention to read
         super().__init__(layers=[BridgeLayer(self, i) for i in range(n_layers)])
 
 
