@@ -30,7 +30,10 @@ moves are added to it on export); BIP prices are computed on c without the group
 
 from __future__ import annotations
 
+import copy
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -296,3 +299,52 @@ def routing_state(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, block in moe_blocks(hf)
         for b in ROUTER_BUFFERS
     }
+
+
+# files of a transformers checkpoint that are neither its config nor its weights: the tokenizer
+# and generation settings, copied beside an export
+_SIDE_FILES = ("*token*", "vocab.json", "merges.txt", "generation_config.json", "chat_template*")
+ROUTING_FILE = "calibray_routing.safetensors"
+
+
+def export_hf(model: nn.Module, directory: str | Path, source: str | Path | None = None) -> Path:
+    """Write an installed (unsharded) model as a plain transformers checkpoint: `save_pretrained` of
+    a fresh model of the same config holding `export_state_dict`, the source's tokenizer files, and
+    the routers' balancing state in ROUTING_FILE (plain transformers ignores it)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    hf = _unwrap(model)
+    out = Path(directory)
+    config = copy.deepcopy(hf.config)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=next(hf.parameters()).dtype)
+    fresh.load_state_dict(export_state_dict(hf), strict=True)
+    fresh.save_pretrained(out)
+    for pattern in _SIDE_FILES if source is not None else ():
+        for f in Path(source).glob(pattern):
+            if f.is_file() and not (out / f.name).exists():
+                shutil.copy2(f, out / f.name)
+    save_file({k: v.contiguous() for k, v in routing_state(hf).items()}, str(out / ROUTING_FILE))
+    return out
+
+
+@torch.no_grad()
+def heldout_loads(model: nn.Module, windows: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
+    """Per MoE layer the tokens routed to each expert [E] over held-out windows [N, L], in eval mode
+    (every strategy routes each token on its own there)."""
+    hf = _unwrap(model)
+    blocks = moe_blocks(hf)
+    loads = [torch.zeros(b.gate.cfg.n_experts) for _, b in blocks]
+
+    def counter(i):
+        return lambda mod, args, out: loads[i].add_(torch.bincount(out[2].reshape(-1), minlength=loads[i].numel()))
+
+    handles = [b.gate.register_forward_hook(counter(i)) for i, (_, b) in enumerate(blocks)]
+    try:
+        hf.eval()
+        for i in range(0, windows.shape[0], batch_size):
+            hf(input_ids=windows[i : i + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return loads
