@@ -337,7 +337,10 @@ def heldout_loads(model: nn.Module, windows: torch.Tensor, batch_size: int = 16)
     loads = [torch.zeros(b.gate.cfg.n_experts) for _, b in blocks]
 
     def counter(i):
-        return lambda mod, args, out: loads[i].add_(torch.bincount(out[2].reshape(-1), minlength=loads[i].numel()))
+        def hook(mod, args, out) -> None:  # returns None: a forward hook's return value replaces the output
+            loads[i].add_(torch.bincount(out[2].reshape(-1), minlength=loads[i].numel()))
+
+        return hook
 
     handles = [b.gate.register_forward_hook(counter(i)) for i, (_, b) in enumerate(blocks)]
     try:
