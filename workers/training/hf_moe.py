@@ -83,6 +83,8 @@ class HFMoETrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
         config = read_hf_config(self.model)
+        # absolute: Ray Train workers run in their own working directory
+        object.__setattr__(self, "model", f"hf:{self.model_dir.resolve()}")
         check_router(config, self.router)
         n_experts, _ = moe_shape(config)
         self.schedule  # noqa: B018 - constructing it checks lr, steps, warm-up, min_lr_frac
