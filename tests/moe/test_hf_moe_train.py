@@ -92,3 +92,18 @@ def test_bad_input_is_one_line_and_exit_2(args, message, bad_dirs, qwen_dir, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert tracking.runs_started() == before  # refused before any MLflow run (and before Ray)
+
+
+@pytest.mark.slow
+def test_resume_continues_a_finished_run_from_its_last_checkpoint(ray_local, mlflow_uri, qwen_dir):
+    """--resume <run_id> (two fits, hence slow): the second run starts at the first one's last
+    checkpoint (step 3) with its router state, and trains the remaining step only."""
+    tc = HFMoETrainConfig(
+        model=f"hf:{qwen_dir}", router=RouterConfig("loss_free"), steps=3, batch_size=2, seq_len=32, eval_windows=4
+    )
+    first = train_moe_hf.run(tc, experiment="test-hf-moe-resume")
+    second = train_moe_hf.run(tc.replace(steps=4), experiment="test-hf-moe-resume", resume=first)
+    client = MlflowClient(mlflow_uri)
+    assert [m.value for m in client.get_metric_history(second, "resumed_from_step")] == [3.0]
+    assert {m.step for m in client.get_metric_history(second, "train_loss")} == {4}  # log_every 5: the last step
+    assert client.get_run(second).data.tags["resumed_from"] == first
