@@ -6,6 +6,7 @@ Examples (embedded default: local Ray, MLflow in ./mlruns.db, CPU)::
     python -m pipelines.train_moe --preset demo --workers 2      # the demo DSA-MoE model
     python -m pipelines.train_moe --preset retrieval             # the retrieval testbed
     python -m pipelines.train_moe --preset demo --resume <run_id>  # continue a crashed run
+    python -m pipelines.train_moe --model hf:<dir> --router bip  # fine-tune a transformers MoE model
 
 On a cluster: ``ray job submit --address ... --working-dir . -- python -m pipelines.train_moe
 --preset demo --workers 8`` with MLFLOW_TRACKING_URI pointing at the head's mlflow server.
@@ -38,6 +39,12 @@ ARTIFACTS = tracking.REPO_ROOT / "artifacts"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.train_moe", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny", choices=sorted(RECIPES), help="named recipe (model + schedule)")
+    p.add_argument(
+        "--model",
+        metavar="hf:DIR",
+        help="fine-tune this transformers MoE model (qwen3_moe, olmoe, mixtral, deepseek_v3) instead of a "
+        "preset; see pipelines/train_moe_hf.py",
+    )
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch-size", type=int, help="sequences per worker per step")
     p.add_argument("--seq-len", type=int, help="training sequence length in bytes")
@@ -242,6 +249,10 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model is not None:
+        from pipelines import train_moe_hf
+
+        return train_moe_hf.main(args)
     tc = config_from_args(args)
     run(tc, experiment=args.experiment, run_name=args.run_name, resume=args.resume)
     return 0

@@ -22,7 +22,9 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoEFFN]]:
 
 
 def routers(model: nn.Module) -> list[Router]:
-    return [m.router for _, m in moe_layers(model)]
+    """Every router of the model, in module order (CalibLM's MoEFFN routers, or the routers
+    installed into a transformers MoE model by workers.model.hf.moe)."""
+    return [m for m in model.modules() if isinstance(m, Router)]
 
 
 def shard_model(model: nn.Module, groups: EPGroups) -> nn.Module:

@@ -57,6 +57,18 @@ class Router(nn.Module):
         self.ep_group = None  # set by MoEFFN.shard_experts: the batch BIP balances and f_j counts
         self.router_time = 0.0  # seconds spent selecting experts since the last reset
 
+    # True when `topk` is not a plain top-K (a subclass's group-limited selection): the causal
+    # router then cannot read the first round's token prices off its routing top-(K+1)
+    constrained_topk = False
+
+    def topk(self, s: torch.Tensor, k: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The selection rule every strategy ranks with: scores [N, E], offset [E] -> [N, K] indices."""
+        return select_topk(s, k, offset)
+
+    def gate_values(self, s: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Gate weights [N, K] of the selected experts, from the raw scores s [N, E]."""
+        return gate_weights(s, idx, normalize=self.cfg.router.score_fn == "sigmoid")
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> scores [N, E] in fp32."""
         logits = self.gate(x).float()
@@ -66,22 +78,26 @@ class Router(nn.Module):
         """Which experts each token takes: scores [N, E] (detached) -> [N, K] indices."""
         rc, k = self.cfg.router, self.cfg.top_k
         if rc.strategy == "loss_free":
-            return select_topk(s, k, self.balance_bias)
+            return self.topk(s, k, self.balance_bias)
         if rc.strategy != "bip":
-            return select_topk(s, k)
+            return self.topk(s, k)
         if not self.training:
-            return select_topk(s, k, -self.bip_price)
+            return self.topk(s, k, -self.bip_price)
         warm = rc.bip_q_mode == "carry"
         if rc.bip_mode == "pre":
             # the prices of the whole expert-parallel batch: every rank sees the same scores
             q = bip_prices(gather_rows(s, self.ep_group), k, rc.bip_iters, init=self.bip_price if warm else None)
-            idx = select_topk(s, k, -q)
+            idx = self.topk(s, k, -q)
         else:
-            # one top-(K+1) of s - q_prev routes the batch (first K) and, when q is carried,
-            # gives the first round's token prices (the (K+1)-th value) for free
-            top = (s - self.bip_price).topk(k + 1, dim=-1)
-            idx = top.indices[:, :k]
-            if warm and self.ep_group is None:
+            top = None
+            if self.constrained_topk:
+                idx = self.topk(s, k, -self.bip_price)
+            else:
+                # one top-(K+1) of s - q_prev routes the batch (first K) and, when q is carried,
+                # gives the first round's token prices (the (K+1)-th value) for free
+                top = (s - self.bip_price).topk(k + 1, dim=-1)
+                idx = top.indices[:, :k]
+            if warm and self.ep_group is None and top is not None:
                 q = bip_prices(s, k, rc.bip_iters, init=self.bip_price, token_prices=top.values[:, k].clamp_min(0))
             else:
                 q = bip_prices(gather_rows(s, self.ep_group), k, rc.bip_iters, init=self.bip_price if warm else None)
@@ -99,7 +115,7 @@ class Router(nn.Module):
         s = self.scores(x)
         idx = self.select(s.detach())
         self.router_time += time.perf_counter() - start
-        gates = gate_weights(s, idx, normalize=self.cfg.router.score_fn == "sigmoid")
+        gates = self.gate_values(s, idx)
         load = expert_load(idx, self.cfg.n_experts)
         aux = s.new_zeros(())
         if self.training:
