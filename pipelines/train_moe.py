@@ -29,11 +29,11 @@ from workers.data.corpus import load_corpus
 from workers.data.shards import write_shards
 from workers.model.config import ConfigError
 from workers.runtime import cli, tracking
+from workers.training import train_state
 from workers.training.config import RECIPES, TrainConfig, parse_curriculum, recipe
 from workers.training.evaluate import final_report
-from workers.training.train_state import META_FILE, STATE_FILE
 
-ARTIFACTS = tracking.REPO_ROOT / "artifacts"
+ARTIFACTS = tracking.ARTIFACTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,12 +155,7 @@ def find_trained(tc: TrainConfig, experiment: str = "calibray") -> str | None:
 
 def latest_checkpoint(run_id: str) -> Path | None:
     """The newest checkpoint directory a run's trainer left under artifacts/ray_results."""
-    best, best_step = None, -1
-    for meta in (ARTIFACTS / "ray_results" / f"train-{run_id}").rglob(META_FILE):
-        step = json.loads(meta.read_text())["step"]
-        if step > best_step and (meta.parent / STATE_FILE).exists():
-            best, best_step = meta.parent, step
-    return best
+    return train_state.latest_checkpoint(ARTIFACTS / "ray_results", run_id)
 
 
 def fit(tc: TrainConfig, run_id: str, corpus, resume_dir: Path | None, extra: dict | None = None):

@@ -24,6 +24,7 @@ import torch
 
 from workers.model.config import ConfigError, RouterConfig
 from workers.runtime import tracking
+from workers.training import train_state
 from workers.training.hf_moe import HFMoETrainConfig, read_hf_config
 
 # flags of the project's recipes that describe a model or schedule the HF model does not have
@@ -59,7 +60,6 @@ def fit(tc: HFMoETrainConfig, run_id: str, train_tokens: torch.Tensor, resume_di
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train_moe import ARTIFACTS
     from workers.runtime.cluster import init_ray
     from workers.training.hf_moe import train_loop
 
@@ -81,7 +81,7 @@ def fit(tc: HFMoETrainConfig, run_id: str, train_tokens: torch.Tensor, resume_di
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=f"train-{run_id}",
-            storage_path=str(ARTIFACTS / "ray_results"),
+            storage_path=str(tracking.ARTIFACTS / "ray_results"),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -124,7 +124,6 @@ def run(
     extra: dict | None = None,
 ) -> str:
     """Fine-tune, evaluate on held-out data, export, log everything; returns the MLflow run id."""
-    from pipelines.train_moe import latest_checkpoint
     from workers.data.corpus import load_corpus
     from workers.model.hf.address import check_weights, load_tokenizer
 
@@ -144,7 +143,7 @@ def run(
     if resume:
         tracking.setup(experiment)
         tracking.mark_failed_if_running(resume)
-        resume_dir = latest_checkpoint(resume)
+        resume_dir = train_state.latest_checkpoint(tracking.ARTIFACTS / "ray_results", resume)
         if resume_dir is None:
             raise FileNotFoundError(f"--resume={resume!r}: no checkpoint of that run")
         tags["resumed_from"] = resume

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DB = REPO_ROOT / "mlruns.db"
-DEFAULT_ARTIFACTS = REPO_ROOT / "artifacts" / "mlflow"
+ARTIFACTS = REPO_ROOT / "artifacts"  # pipelines' local outputs (Ray Train results, exports)
+DEFAULT_ARTIFACTS = ARTIFACTS / "mlflow"
 
 
 class TrackingError(ValueError):

@@ -71,3 +71,13 @@ def read(directory: Path, model: torch.nn.Module, rank: int, world: int, *, repl
 def load_model_state(directory: Path) -> dict:
     """The unsharded model state_dict of a checkpoint."""
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)["model"]
+
+
+def latest_checkpoint(results: Path, run_id: str) -> Path | None:
+    """The newest complete checkpoint directory a run's trainer left under `results` (Ray Train's storage)."""
+    best, best_step = None, -1
+    for meta in (results / f"train-{run_id}").rglob(META_FILE):
+        step = json.loads(meta.read_text())["step"]
+        if step > best_step and (meta.parent / STATE_FILE).exists():
+            best, best_step = meta.parent, step
+    return best
