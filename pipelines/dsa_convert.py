@@ -110,10 +110,13 @@ def check_model(cfg: ConvertConfig) -> None:
     """Refuse, from config.json alone (before Ray or MLflow start), a model this converter cannot convert."""
     from transformers import AutoConfig
 
-    from workers.model.hf.address import check_weights
+    from workers.model.hf import HFModelError
+    from workers.model.hf.address import check_weights, is_hf_config, read_config
     from workers.model.hf.lightning import check_convertible
 
     path = config_file(cfg.model)
+    if not is_hf_config(read_config(cfg.model)):
+        raise HFModelError(f"model={cfg.model!r} is a CalibLM checkpoint; dsa_convert converts Hugging Face models")
     c = AutoConfig.from_pretrained(path.parent, local_files_only=True)
     check_convertible(c, cfg.model)
     if cfg.seq_len > c.max_position_embeddings:
