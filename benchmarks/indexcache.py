@@ -3,6 +3,8 @@
     python -m benchmarks.indexcache --model runs:/<run_id>/model                 # all parts
     python -m benchmarks.indexcache --model artifacts/demo --parts search fidelity --calib-windows 16
     python -m benchmarks.indexcache --parts prefill --prefill-len 4096            # demo-shaped random weights
+    python -m benchmarks.indexcache --model runs:/<run_id>/hf_model --parts prefill --prefill-len 4096 \
+        --pattern FSSF...                                # a converted HF model, with a searched pattern
 
 Parts:
 - search:   the exact greedy search with prefix reuse against the naive loop (same windows,
@@ -11,8 +13,11 @@ Parts:
             (vs exact and vs naive), pattern agreement per retention, and the held-out NLL of
             both patterns as a paired difference with its standard error.
 - prefill:  one forward over --prefill-len tokens with the 1/4 pattern against all-F (median
-            of interleaved repeats). Speed does not depend on the weights, so a random-init
-            model of the same shape is allowed here.
+            of interleaved repeats); --pattern adds a searched pattern. Speed does not depend on
+            the weights, so a random-init model of the same shape is allowed here.
+
+The model is anything `python -m pipelines.indexcache` searches: a CalibLM with an indexer or a
+transformers DSA checkpoint (a converted Llama-family model included), windows in its own tokens.
 Results print as JSON and, with --mlflow, are logged to an MLflow run.
 """
 
@@ -99,7 +104,7 @@ def bench_prefill(model, length: int, repeats: int, searched: str | None) -> dic
     patterns = {"all_f": "F" * n, "uniform_1_4": uniform_interleave(n, n_full_layers(0.25, n))}
     if searched:
         patterns["searched_1_4"] = searched
-    x = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, model.cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     model(x[:, :256], pattern="F" * n)  # warm-up (allocator, kernels) outside the timings
     times = {k: [] for k in patterns}
     for _ in range(repeats):  # interleaved so machine load hits both alike
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fidelity-eta", type=float, default=4.0, help="keep ceil(n/eta) candidates per rung")
     p.add_argument("--prefill-len", type=int, default=4096, help="prefill length in tokens")
     p.add_argument("--repeats", type=int, default=3, help="prefill repeats per pattern")
+    p.add_argument("--pattern", help="a searched F/S pattern timed beside the uniform 1/4 one (prefill part)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--split-seed", type=int, default=0, help="corpus split seed")
     p.add_argument("--mlflow", action="store_true", help="log the results to an MLflow run")
@@ -154,19 +160,25 @@ def main(argv: list[str] | None = None) -> dict:
     if {"search", "fidelity"} & set(a.parts) and not a.model:
         p.error("--model is required for the search and fidelity parts (they need a trained model)")
     torch.set_num_threads(a.threads)
-    from workers.model import checkpoint
+    from pipelines.indexcache import load_model
+    from workers.model.hf.address import load_tokenizer
     from workers.model.presets import get_preset
     from workers.model.transformer import CalibLM
 
-    model = checkpoint.load(a.model) if a.model else CalibLM(get_preset("demo")).eval()
+    model = load_model(a.model) if a.model else CalibLM(get_preset("demo")).eval()
+    tokenizer = load_tokenizer(a.model) if a.model else None
+    if a.pattern:
+        from tuning.indexcache.patterns import validate_pattern
+
+        validate_pattern(a.pattern, len(model.layers))
     seq_len = a.seq_len or model.cfg.max_seq_len
     results: dict = {"model": a.model or "random-init demo preset"}
     cli.work_started()  # the model loaded: errors from here on are the benchmark's, with a traceback
     exact = None
     if {"search", "fidelity"} & set(a.parts):
         corpus = load_corpus(split=SplitConfig(seed=a.split_seed))
-        calib = corpus.eval_windows("calib", seq_len + 1, a.calib_windows)
-        heldout = corpus.eval_windows("heldout", seq_len + 1, a.heldout_windows)
+        calib = corpus.eval_windows("calib", seq_len + 1, a.calib_windows, tokenizer)
+        heldout = corpus.eval_windows("heldout", seq_len + 1, a.heldout_windows, tokenizer)
         retentions = tuple(a.retention)
         if "search" in a.parts:
             results["search"], exact = bench_search(model, calib, retentions, a.batch_size)
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         searched = exact.pattern_with_full(n_full_layers(0.25, exact.n_layers)) if exact else None
         if exact is not None and 0.25 not in exact.retentions:
             searched = None
+        searched = a.pattern or searched
         results["prefill"] = bench_prefill(model, a.prefill_len, a.repeats, searched)
     if a.mlflow:
         import mlflow

@@ -168,7 +168,7 @@ class Attention(nn.Module):
                 kl = self._indexer_kl(xi, q, view, ctx, idx=None)
         else:
             if ctx.mode == "random":
-                logits = self._random_logits(ctx, view.pos)
+                logits = random_logits(ctx.pos, view.pos, self.layer, ctx.random_seed)
                 index_buffer = indices_to_positions(topk_indices(logits, self.topk), view.pos)
             elif use_indexer:
                 self.indexer_calls += 1
@@ -183,16 +183,6 @@ class Attention(nn.Module):
                 kl = self._indexer_kl(xi, q, view, ctx, idx=idx)
         return self.o_proj(out.reshape(B, T, -1)), index_buffer, kl
 
-    def _random_logits(self, ctx: AttnContext, key_pos: torch.Tensor) -> torch.Tensor:
-        """Random scores over earlier keys (the 'k random positions' baseline), [B, T, S]."""
-        g = torch.Generator().manual_seed(ctx.random_seed * 1009 + self.layer)
-        B, T = ctx.pos.shape
-        r = torch.rand(B, T, key_pos.shape[1], generator=g).to(key_pos.device)
-        ok = (key_pos[:, None, :] <= ctx.pos[:, :, None]) & (key_pos[:, None, :] >= 0)
-        # The query's own position always stays: a token may always see itself.
-        r = torch.where(key_pos[:, None, :] == ctx.pos[:, :, None], torch.full_like(r, 2.0), r)
-        return r.masked_fill(~ok, float("-inf"))
-
     def _indexer_kl(self, xi, q, view: KVView, ctx: AttnContext, idx) -> torch.Tensor:
         """KL(head-summed main attention || softmax(indexer logits)), averaged over queries."""
         with torch.no_grad():
@@ -201,7 +191,23 @@ class Attention(nn.Module):
         logits = indexer_logits(qi, view.idx_k, w, ctx.pos, view.pos)  # [B, T, S]
         if idx is not None:
             logits = torch.gather(logits, 2, idx.clamp_min(0)).masked_fill(idx < 0, float("-inf"))
-        logq = torch.log_softmax(logits, -1)
-        term = target * (torch.log(target.clamp_min(1e-9)) - logq)
-        term = torch.where(target > 0, term, torch.zeros_like(term))
-        return term.sum(-1).mean()
+        return kl_to_target(target, logits)
+
+
+def kl_to_target(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) averaged over queries: target, logits [B, T, S] (-inf = masked)."""
+    logq = torch.log_softmax(logits, -1)
+    term = target * (torch.log(target.clamp_min(1e-9)) - logq)
+    term = torch.where(target > 0, term, torch.zeros_like(term))
+    return term.sum(-1).mean()
+
+
+def random_logits(pos: torch.Tensor, key_pos: torch.Tensor, layer: int, seed: int) -> torch.Tensor:
+    """Random scores over earlier keys (the 'k random positions' baseline): pos [B, T], key_pos [B, S] -> [B, T, S]."""
+    g = torch.Generator().manual_seed(seed * 1009 + layer)
+    B, T = pos.shape
+    r = torch.rand(B, T, key_pos.shape[1], generator=g).to(key_pos.device)
+    ok = (key_pos[:, None, :] <= pos[:, :, None]) & (key_pos[:, None, :] >= 0)
+    # The query's own position always stays: a token may always see itself.
+    r = torch.where(key_pos[:, None, :] == pos[:, :, None], torch.full_like(r, 2.0), r)
+    return r.masked_fill(~ok, float("-inf"))

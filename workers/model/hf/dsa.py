@@ -18,6 +18,8 @@ builds; only the choice F (run the indexer) or S (reuse the buffer) is ours, mad
   so every weight is kept and the next pattern can turn them back on.
 - deepseek_v32 calls `self.indexer(...)` unconditionally; each layer's indexer is replaced by a
   `ReusedIndexer` that runs the real indexer (F) or returns the buffer the last F layer wrote (S).
+- a dense Llama-family model converted by `pipelines.dsa_convert` (`workers.model.hf.lightning`) calls
+  its indexer slot the same way, and gets the same ReusedIndexer.
 
 Shape legend: B batch, T tokens, D width, V vocab, K top-k (min(index_topk, T)), N layers.
 """
@@ -110,8 +112,10 @@ class DSAModel(nn.Module):
 
     def __init__(self, hf_model: nn.Module) -> None:
         super().__init__()
+        from workers.model.hf.lightning import is_converted
+
         c = hf_model.config
-        if c.model_type not in DSA_TYPES:
+        if c.model_type not in DSA_TYPES and not is_converted(c):
             raise HFModelError(f"model_type {c.model_type!r} has no DSA indexer; IndexCache supports {DSA_TYPES}")
         self.hf = hf_model.eval()
         self.kind = c.model_type
@@ -237,10 +241,13 @@ def load_dsa(address: str, device: str | torch.device = "cpu", dtype: str | torc
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from workers.model.hf.address import local_dir, resolve_dtype
+    from workers.model.hf.lightning import is_converted, load_converted
 
     path = local_dir(address)
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     check_dsa_config(cfg, address)
+    if is_converted(cfg):
+        return DSAModel(load_converted(path, device, resolve_dtype(dtype, device)))
     if cfg.model_type == "glm_moe_dsa":
         cfg.indexer_types = ["full"] * cfg.num_hidden_layers
     hf, info = AutoModelForCausalLM.from_pretrained(
@@ -257,10 +264,12 @@ def load_dsa(address: str, device: str | torch.device = "cpu", dtype: str | torc
 
 def check_dsa_config(config, address: str) -> None:
     """Raise HFModelError unless `config` (a transformers config) is a DSA model with something to search."""
-    if config.model_type not in DSA_TYPES:
+    from workers.model.hf.lightning import is_converted
+
+    if config.model_type not in DSA_TYPES and not is_converted(config):
         raise HFModelError(
             f"model={address!r}: model_type {config.model_type!r} has no lightning indexer; IndexCache runs on "
-            f"{', '.join(DSA_TYPES)} checkpoints or a CalibLM with an indexer"
+            f"{', '.join(DSA_TYPES)} checkpoints, a model converted by pipelines.dsa_convert, or a CalibLM with an indexer"
         )
     if config.num_hidden_layers < 2:
         raise HFModelError(f"model={address!r} has {config.num_hidden_layers} layer(s): nothing to search")
