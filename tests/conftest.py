@@ -17,6 +17,10 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="calibray-tests-"))
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlruns.db'}"
 os.environ.pop("RAY_ADDRESS", None)  # tests never join a stray cluster
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Triton reads TRITON_INTERPRET once, when triton.language is first imported, and that import can
+# come from anywhere at collection (transformers -> torch._dynamo -> triton, via tests/dsa): set it
+# here, before any test module loads, so the kernel tests' @triton.jit code runs in the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)  # Ray workers and actors share the 2 CI cores; more threads oversubscribe
 
 

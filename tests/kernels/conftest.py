@@ -1,17 +1,13 @@
 """Kernel-test fixtures: Triton's interpreter, a forced Triton path, NaN-filled fresh memory.
 
-TRITON_INTERPRET is set before any kernels.<op>.triton module is imported (they are imported
-lazily on first use), so every @triton.jit kernel runs in Triton's interpreter on CPU.
+TRITON_INTERPRET=1 is set by tests/conftest.py before any test module is imported (Triton reads it
+once, at its first import), so every @triton.jit kernel runs in Triton's interpreter on CPU.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
