@@ -6,6 +6,7 @@
     python -m pipelines.indexcache --model hf:<glm_moe_dsa or deepseek_v32 dir> --seq-len 4096 --retention 0.25
     python -m pipelines.indexcache --resume <run_id>                  # continue a stopped search
     python -m pipelines.indexcache --model ... --retention 0.25 --distill-steps 100
+    python -m pipelines.indexcache --from-search <run_id> --distill-steps 60   # new reports, same search
     ray job submit --working-dir . -- python -m pipelines.indexcache --model runs:/<run_id>/model
 
 One greedy run serves every requested retention (the trace passes through each number of F
@@ -17,7 +18,8 @@ indexcache.json with the patterns for serving.
 
 The model is a CalibLM with an indexer or a transformers DSA checkpoint (`glm_moe_dsa`,
 `deepseek_v32`; `workers.model.hf.dsa`), searched by the same code; windows are in the model's
-own tokens. For glm_moe_dsa every retention's searched pattern is also logged as a config.json
+own tokens. The training-aware variant (`--distill-steps`) trains CalibLM indexers and those of a dense
+model converted by `pipelines.dsa_convert`; glm_moe_dsa and deepseek_v32 are refused. For glm_moe_dsa every retention's searched pattern is also logged as a config.json
 (`index_topk_pattern`) that plain transformers loads beside the checkpoint's weights.
 """
 
@@ -29,7 +31,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import mlflow
 import torch
@@ -63,6 +65,23 @@ GLM_CONFIG_ARTIFACT = "indexcache/glm_config/r{retention}/config.json"
 
 class SearchStopped(RuntimeError):
     """The search stopped before its last step (--max-steps); resume it with --resume."""
+
+
+# What a search's result depends on, and the held-out set its reports score (--from-search keeps them).
+SEARCH_FIELDS = (
+    "model",
+    "retentions",
+    "naive",
+    "multi_fidelity",
+    "fidelity_rungs",
+    "fidelity_eta",
+    "corpus",
+    "split_seed",
+    "seq_len",
+    "calib_windows",
+    "heldout_windows",
+    "batch_size",
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,12 @@ class IndexCacheConfig:
         if self.naive and self.multi_fidelity:
             raise ValueError("--naive and --multi-fidelity are exclusive (naive is the exact reference)")
 
+    def with_reports_of(self, other: IndexCacheConfig, source_run: str) -> IndexCacheConfig:
+        """This (source) run's search with `other`'s reports and runtime: what --from-search runs."""
+        keep = {k: getattr(self, k) for k in SEARCH_FIELDS}
+        tags = {**self.tags, **other.tags, "search_from": source_run}
+        return replace(other, **keep, tags=tags)
+
     @property
     def mode(self) -> str:
         return "naive" if self.naive else "prefix"
@@ -177,17 +202,23 @@ def is_hf_model(address: str) -> bool:
     return is_hf_address(address) or is_hf_config(read_config(address))
 
 
-def check_model(address: str) -> int:
+def check_model(address: str, distill: bool = False) -> int:
     """Refuse, from the config and the weights' headers (before Ray starts), a model IndexCache cannot
-    search; -> the model's longest context."""
+    search (or, with `distill`, distill); -> the model's longest context."""
     check_weights(address)  # a truncated safetensors names its file here, not in safetensors' loader
     if is_hf_model(address):
         from transformers import AutoConfig
 
+        from workers.model.hf import DSA_TYPES
         from workers.model.hf.dsa import check_dsa_config
 
         c = AutoConfig.from_pretrained(config_file(address).parent, local_files_only=True)
         check_dsa_config(c, address)
+        if distill and c.model_type in DSA_TYPES:
+            raise ValueError(
+                f"--distill-steps on model_type {c.model_type!r}: the training-aware variant trains CalibLM "
+                "indexers and those of models converted by pipelines.dsa_convert"
+            )
         return c.max_position_embeddings
     c = checkpoint.load_config(address)
     if c.indexer is None:
@@ -234,9 +265,7 @@ def run(
     """Run (or resume) a search and its reports in one MLflow run; returns the summary."""
     from workers.indexcache.report import report
 
-    max_seq_len = check_model(cfg.model)
-    if cfg.distill_steps and is_hf_model(cfg.model):
-        raise ValueError(f"distill_steps={cfg.distill_steps}: the training-aware variant trains CalibLM indexers only")
+    max_seq_len = check_model(cfg.model, distill=cfg.distill_steps > 0)
     seq_len = cfg.seq_len or max_seq_len
     if seq_len > max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={max_seq_len}")
@@ -261,6 +290,7 @@ def run(
     ) as active:
         run_id = active.info.run_id
         mlflow.log_text(cfg.to_json(), CONFIG_ARTIFACT)
+        mlflow.log_text(state.dumps(), STATE_ARTIFACT)  # a --from-search run holds the search it reports
         pool = CalibrationPool(
             model,
             data.calib,
@@ -380,20 +410,38 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-overlap", action="store_true", help="skip the top-k overlap matrix")
     p.add_argument("--experiment", default="calibray", help="MLflow experiment name")
     p.add_argument("--resume", metavar="RUN_ID", help="continue the stopped search of this MLflow run")
+    p.add_argument(
+        "--from-search",
+        metavar="RUN_ID",
+        help="a new run with this run's finished search (its model, data and retentions) and this command's "
+        "reports (--distill-*, --no-overlap, --experiment)",
+    )
     a = p.parse_args(argv)
     tracking.check_store()  # an unwritable store fails now, not after MLflow's minutes of retries
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     runtime = {"workers": a.workers, "worker_cpus": a.worker_cpus, "threads": a.threads, "max_steps": a.max_steps}
+    if a.resume and a.from_search:
+        p.error("--resume and --from-search are exclusive")
     if a.resume:
         cfg, state = resume_config(a.resume, **runtime)
         tracking.mark_failed_if_running(a.resume)
         summary = _run_cli(cfg, resume=a.resume, state=state)
     else:
-        if not a.model:
-            p.error("--model is required unless --resume is given")
+        if a.from_search and a.model:
+            p.error("--from-search takes the model (and the whole search) from that run; drop --model")
+        if not a.model and not a.from_search:
+            p.error("--model is required unless --resume or --from-search is given")
+        src = state = None
+        if a.from_search:
+            src, state = resume_config(a.from_search)
+            if not state.done:
+                raise ValueError(
+                    f"--from-search {a.from_search!r}: its search stopped after step {len(state.steps)} of "
+                    f"{state.n_steps}; finish it with --resume {a.from_search}"
+                )
         cfg = IndexCacheConfig(
-            model=a.model,
-            retentions=tuple(a.retention),
+            model=a.model or src.model,
+            retentions=src.retentions if src else tuple(a.retention),
             naive=a.naive,
             multi_fidelity=a.multi_fidelity,
             fidelity_rungs=tuple(a.fidelity_rungs),
@@ -412,8 +460,11 @@ def main(argv: list[str] | None = None) -> dict:
             experiment=a.experiment,
             **{k: v for k, v in runtime.items() if v is not None},
         )
-        check_model(cfg.model)  # a missing or non-DSA checkpoint fails here, before Ray starts
-        summary = _run_cli(cfg)
+        if src is not None:
+            cfg = src.with_reports_of(cfg, a.from_search)
+        # a missing or non-DSA checkpoint (or one the variant cannot distill) fails here, before Ray starts
+        check_model(cfg.model, distill=cfg.distill_steps > 0)
+        summary = _run_cli(cfg, state=state)
     print(json.dumps({k: summary[k] for k in ("run_id", "pattern", "cost", "retentions")}, indent=1, default=str))
     return summary
 

@@ -89,6 +89,23 @@ def test_indexcache_searches_the_converted_model(converted, mlflow_uri):
         searched = entry["searched"]
         assert searched["indexer_work_removed_measured"] == searched["indexer_work_removed"]
 
+    # The training-aware variant on the converted model, in a new run that reuses this search.
+    out = indexcache.main(
+        ["--from-search", summary["run_id"], "--distill-steps", "3", "--distill-batch", "2"]
+        + ["--distill-retention", "0.5", "--no-overlap", "--worker-cpus", "0.25"]
+    )
+    assert out["run_id"] != summary["run_id"] and out["pattern"] == summary["pattern"]
+    run = mlflow.tracking.MlflowClient(mlflow_uri).get_run(out["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["search_from"] == summary["run_id"]
+    assert run.data.metrics["search/steps_this_run"] == 0  # the search was reused, not rerun
+    assert run.data.params["distill_steps"] == "3" and run.data.params["heldout_windows"] == "8"
+    half = next(e for e in out["retentions"] if e["retention"] == 0.5)
+    for kind in ("searched", "uniform"):
+        d = half["distilled"][kind]
+        assert d["pattern"] == half[kind]["pattern"] and d["kl_last"] < d["kl_first"]
+        assert d["minus_training_free"] != 0.0  # trained indexers change the held-out NLL
+    assert "distilled" not in next(e for e in out["retentions"] if e["retention"] == 0.25)
+
 
 def _cli(capsys, *args: str) -> tuple[int, str]:
     """(exit code, stderr) of the command line, in-process (workers.runtime.cli.run)."""

@@ -90,3 +90,24 @@ def test_converted_folder_loads_as_a_dsa_model_and_s_layers_skip_their_indexer(d
         torch.testing.assert_close(plain(windows[:, :-1]).logits, _load(dense_dir)(windows[:, :-1]).logits)
     assert eval_kls(hf, windows[:, :-1]).shape == (4,)
     assert len(attentions(hf)) == 4
+
+
+def test_distillation_of_a_converted_model_trains_only_its_retained_indexers(dense_dir, tmp_path, corpus):
+    from workers.indexcache.distill import DistillConfig, distill, multi_layer_kl
+
+    hf = _load(dense_dir)
+    add_indexers(hf, ICFG, seed=3)
+    save_converted(hf, tmp_path / "conv")
+    model = load_dsa(f"hf:{tmp_path / 'conv'}")
+    train = corpus.eval_windows("train", 65, 8)
+    pattern = "FSFS"
+    with torch.no_grad():
+        before = float(multi_layer_kl(model, train[:4, :-1], pattern))
+    tuned, curve = distill(model, pattern, train, DistillConfig(steps=4, lr=3e-3, batch_size=4))
+    with torch.no_grad():
+        after = float(multi_layer_kl(tuned, train[:4, :-1], pattern))
+    assert after < before and len(curve) == 4
+    a, b = dict(model.hf.named_parameters()), dict(tuned.hf.named_parameters())
+    changed = {n for n in a if not torch.equal(a[n], b[n])}
+    assert changed and all(".self_attn.indexer." in n for n in changed)
+    assert {int(n.split(".")[2]) for n in changed} == {0, 2}  # the F layers' indexers, nothing else

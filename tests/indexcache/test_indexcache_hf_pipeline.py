@@ -125,7 +125,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(capsys, mlflow_uri, ti
     glm = f"hf:{tiny_dsa_dirs['glm_moe_dsa']}"
     err = _cli(capsys, main, ["--model", f"hf:{tiny_qwen3_dir}", *ARGS])
     assert "model_type 'qwen3' has no lightning indexer" in err
-    assert "distill_steps=2: the training-aware variant" in _cli(
+    assert "--distill-steps on model_type 'glm_moe_dsa': the training-aware variant" in _cli(
         capsys, main, ["--model", glm, *ARGS, "--distill-steps", "2"]
     )
     assert "seq_len=4096 exceeds the model's max_seq_len=128" in _cli(

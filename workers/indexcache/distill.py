@@ -9,7 +9,8 @@ where p^(l+j) [B, T, K] is layer l+j's main attention, summed over heads, L1-nor
 restricted to the top-k set the buffer gives it, and I^(l) are layer l's indexer logits
 gathered at that same set. The main path runs without gradients: the indexer changes the
 output only through a (non-differentiable) top-k, and its input is detached in the model,
-so nothing but the retained indexers can learn from this loss.
+so nothing but the retained indexers can learn from this loss. Models: a CalibLM with an indexer, or
+a dense HF model converted by `pipelines.dsa_convert` (`workers.model.hf.dsa.DSAModel`).
 
 Shape legend: B batch, T tokens, H heads, Dh head dim, K top-k, S keys (= T, no cache).
 """
@@ -44,40 +45,57 @@ class DistillConfig:
             raise ValueError(f"distill batch_size must be >= 1, got {self.batch_size!r}")
 
 
-def multi_layer_kl(model, tokens: torch.Tensor, pattern: str) -> torch.Tensor:
-    """The multi-layer distillation loss of `pattern` on tokens [B, T], averaged over F layers."""
+def observe(model, tokens: torch.Tensor, pattern: str) -> list[tuple]:
+    """One no-grad forward under `pattern` -> per layer [N]: (x, pos, q, k, idx), the indexer's input
+    [B, T, D], positions [B, T], the main attention's q [B, T, H, Dh] and k [B, T, Hkv, Dh], and the
+    top-k [B, T, K] it attended. A converted HF model records them in its attention function
+    (`DSAModel.observe`); a CalibLM through its observer hook and layer-by-layer run."""
+    if hasattr(model, "observe"):
+        return model.observe(tokens, pattern)
     n = len(model.layers)
-    serve = serving_layer(validate_pattern(pattern, n))
     b, t = tokens.shape
-    seen: dict[int, tuple] = {}
+    qk: dict[int, tuple] = {}
 
-    def observe(layer, q, k, q_pos, k_pos):
-        seen[layer] = (q.detach(), k.detach())
+    def keep(layer, q, k, q_pos, k_pos):
+        qk[layer] = (q.detach(), k.detach())
 
-    ctx = model.context(b, t, attn="sparse", observer=observe)
-    h, buf = model.embed(tokens), None
-    xi: dict[int, torch.Tensor] = {}
-    targets: dict[int, list[torch.Tensor]] = {}
+    ctx = model.context(b, t, attn="sparse", observer=keep)
+    h, buf, out = model.embed(tokens), None, []
     with torch.no_grad():
         for layer in range(n):
-            if pattern[layer] == "F":
-                xi[layer] = model.layers[layer].input_norm(h)
+            x = model.layers[layer].input_norm(h)
             h, buf, _, _ = model.run_layers(h, layer, layer + 1, ctx=ctx, pattern=pattern, index_buffer=buf)
-            q, k = seen.pop(layer)
+            out.append((x, ctx.pos, *qk.pop(layer), buf))
+    return out
+
+
+def retained_indexer(model, layer: int) -> torch.nn.Module:
+    if hasattr(model, "retained_indexer"):
+        return model.retained_indexer(layer)
+    return model.layers[layer].attn.indexer
+
+
+def multi_layer_kl(model, tokens: torch.Tensor, pattern: str) -> torch.Tensor:
+    """The multi-layer distillation loss of `pattern` on tokens [B, T], averaged over F layers."""
+    serve = serving_layer(validate_pattern(pattern, len(model.layers)))
+    targets: dict[int, list[torch.Tensor]] = {}
+    inputs: dict[int, tuple] = {}
+    with torch.no_grad():
+        for layer, (x, pos, q, k, idx) in enumerate(observe(model, tokens, pattern)):
+            if pattern[layer] == "F":
+                inputs[layer] = (x, pos, idx)
             # Without a cache the buffer's positions are indices into this layer's keys.
-            p = head_summed_probs(q, k, ctx.pos, ctx.pos, buf)  # [B, T, K]
-            targets.setdefault(serve[layer], []).append((p, buf))
+            targets.setdefault(serve[layer], []).append(head_summed_probs(q, k, pos, pos, idx))  # [B, T, K]
     losses = []
     for layer, served in targets.items():
-        ix = model.layers[layer].attn.indexer
-        x = xi[layer]
-        qi, w = ix.queries(x, ctx.pos)
-        logits = indexer_logits(qi, ix.keys(x, ctx.pos), w, ctx.pos, ctx.pos)  # [B, T, S]
-        idx = served[0][1]
-        logits = torch.gather(logits, 2, idx.clamp_min(0)).masked_fill(idx < 0, float("-inf"))
+        ix = retained_indexer(model, layer)
+        x, pos, idx = inputs[layer]
+        qi, w = ix.queries(x, pos)
+        logits = indexer_logits(qi, ix.keys(x, pos), w, pos, pos)  # [B, T, S]
+        logits = torch.gather(logits, 2, idx.long().clamp_min(0)).masked_fill(idx < 0, float("-inf"))
         logq = torch.log_softmax(logits, -1)  # [B, T, K]
         kls = []
-        for p, _ in served:
+        for p in served:
             term = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-9)) - logq), torch.zeros_like(p))
             kls.append(term.sum(-1).mean())
         losses.append(torch.stack(kls).mean())
@@ -94,7 +112,7 @@ def distill(model, pattern: str, train: torch.Tensor, cfg: DistillConfig) -> tup
         p.requires_grad_(False)
     params = []
     for layer in full_layers(pattern):
-        for p in model.layers[layer].attn.indexer.parameters():
+        for p in retained_indexer(model, layer).parameters():
             p.requires_grad_(True)
             params.append(p)
     opt = torch.optim.Adam(params, lr=cfg.lr)

@@ -213,17 +213,24 @@ def report(cfg, model, data, state, pool) -> dict:
                 o = out[(r, kind)]
                 nll = torch.tensor(o["heldout"], dtype=torch.float64)
                 d = paired(nll, held[all_f])
+                tf = paired(nll, held[o["pattern"]])  # the same pattern with its training-free indexers
                 e["distilled"][kind] = {
                     "pattern": o["pattern"],
                     "heldout_nll": float(nll.mean()),
                     "delta_vs_all_f": d.mean,
                     "delta_vs_all_f_se": d.se,
+                    "minus_training_free": tf.mean,
+                    "minus_training_free_se": tf.se,
                     "kl_first": o["curve"][0],
                     "kl_last": o["curve"][-1],
                 }
                 metrics[f"r{r}/distilled_{kind}_heldout_nll"] = float(nll.mean())
                 metrics[f"r{r}/distilled_{kind}_delta_vs_all_f"] = d.mean
                 metrics[f"r{r}/distilled_{kind}_delta_vs_all_f_se"] = d.se
+                metrics[f"r{r}/distilled_{kind}_minus_training_free"] = tf.mean
+                metrics[f"r{r}/distilled_{kind}_minus_training_free_se"] = tf.se
+                for step, kl in enumerate(o["curve"]):
+                    tracking.log_metrics({f"r{r}/distill_{kind}_kl": kl}, step=step)
     tracking.log_metrics(metrics)
 
     doc = {

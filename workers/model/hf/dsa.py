@@ -216,6 +216,25 @@ class DSAModel(nn.Module):
                 index_buffer, self._buffer.value = self._buffer.value, None
         return h, index_buffer, [], []
 
+    def retained_indexer(self, layer: int) -> nn.Module:
+        """Layer `layer`'s own lightning indexer (what the training-aware variant trains)."""
+        return self.indexers[layer].inner
+
+    def observe(self, tokens: torch.Tensor, pattern: str) -> list:
+        """One no-grad forward of tokens [B, T] under `pattern` -> per layer [N] what its sparse attention
+        saw (`lightning.Seen`: indexer input, positions, q, k, the top-k attended). Converted models only:
+        glm_moe_dsa and deepseek_v32 run transformers' own attention, which records nothing."""
+        from workers.model.hf.lightning import observing
+
+        if self.kind in DSA_TYPES:
+            raise HFModelError(
+                f"model_type {self.kind!r}: the training-aware variant trains CalibLM indexers and those of "
+                "models converted by pipelines.dsa_convert"
+            )
+        with observing(self.hf) as seen:
+            self(tokens, pattern=pattern)
+        return [s[0] for s in seen]
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, D] -> logits [B, T, V] fp32."""
         return self.hf.lm_head(self.hf.model.norm(h)).float()

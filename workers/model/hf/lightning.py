@@ -13,7 +13,9 @@ indexer. transformers' own attention module still computes q/k/v and RoPE (q/k n
 only the attention function is ours, registered with transformers' AttentionInterface, and a
 pre-hook hands it the hidden state the indexer reads. Modes per attention: "sparse" (top-k of its
 indexer; the default), "dense" (all earlier keys; with `train_kl` also the indexer's KL to the
-head-summed dense attention), "random" (k random earlier positions, the baseline).
+head-summed dense attention), "random" (k random earlier positions, the baseline). Inside `observing(hf)`
+each sparse attention also records what the training-aware IndexCache variant distills from
+(`workers.indexcache.distill`): its indexer input, positions, q, k and the top-k it attended.
 
 The converted folder is the dense checkpoint plus the indexer weights (`...self_attn.indexer.*`) and
 `index_*` fields in config.json; plain transformers still loads it as the dense model (the indexer
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -120,10 +123,37 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         idx = topk_indices(random_logits(pos, pos, module.layer_idx, module.dsa_seed), module.dsa_topk)
     else:
         idx = module.indexer(x, pos, module.dsa_topk)  # a ReusedIndexer under DSAModel: F runs it, S reuses
+    if module.dsa_seen is not None:
+        module.dsa_seen.append(Seen(x, pos, q.detach(), k.detach(), idx))
     return sparse_attention(q, k, v, idx.long(), scaling), None
 
 
 AttentionInterface.register(ATTN_IMPL_DSA, _attention)
+
+
+class Seen(NamedTuple):
+    """One sparse attention call, as `observing` records it."""
+
+    x: torch.Tensor  # [B, T, D] the indexer's input (detached)
+    pos: torch.Tensor  # [B, T]
+    q: torch.Tensor  # [B, T, H, Dh] after RoPE
+    k: torch.Tensor  # [B, T, Hkv, Dh] after RoPE
+    idx: torch.Tensor  # [B, T, K] the keys attended (-1: none)
+
+
+@contextlib.contextmanager
+def observing(hf):
+    """Inside the block every sparse attention call appends a `Seen` to its layer's list; yields the
+    lists [N] (layer order)."""
+    attns = attentions(hf)
+    seen: list[list[Seen]] = [[] for _ in attns]
+    for a, s in zip(attns, seen, strict=True):
+        a.dsa_seen = s
+    try:
+        yield seen
+    finally:
+        for a in attns:
+            a.dsa_seen = None
 
 
 def add_indexers(hf, icfg: IndexerConfig, seed: int = 0) -> list[TopkIndexer]:
@@ -138,7 +168,7 @@ def add_indexers(hf, icfg: IndexerConfig, seed: int = 0) -> list[TopkIndexer]:
         ix = TopkIndexer(c.hidden_size, icfg, theta).to(device=hf.device, dtype=hf.dtype)
         attn.indexer = ix
         attn.dsa_mode, attn.dsa_topk, attn.dsa_seed = "sparse", icfg.topk, 0
-        attn.dsa_train_kl, attn.dsa_kl, attn.dsa_x = False, None, None
+        attn.dsa_train_kl, attn.dsa_kl, attn.dsa_x, attn.dsa_seen = False, None, None, None
         attn.register_forward_pre_hook(_keep_input, with_kwargs=True)
         out.append(ix)
     c.index_n_heads, c.index_head_dim, c.index_rope_dim, c.index_topk = (
