@@ -54,7 +54,7 @@ from workers.model.hf.address import (
     load_tokenizer,
     read_config,
 )
-from workers.runtime import cli, tracking
+from workers.runtime import cli, faults, tracking
 from workers.runtime.cluster import init_ray
 
 log = logging.getLogger("pipelines.indexcache")
@@ -314,6 +314,7 @@ def run(
                 step=rec.step,
             )
             mlflow.log_text(st.dumps(), STATE_ARTIFACT)
+            faults.point("indexcache.step_saved")
             if on_step is not None:
                 on_step(st, rec, pool)
 
