@@ -222,3 +222,61 @@ def _kill_mid_request(url: str) -> None:
         rest = [json.loads(x[len("data: ") :]) for x in lines if x.startswith("data: {")]
     errors = [e["error"] for e in rest if "error" in e]
     assert errors and errors[0]["code"] == "unavailable" and "died after it streamed output" in errors[0]["message"]
+
+
+def _outcome(url: str, body: dict) -> str:
+    """One request -> 'ok' (a whole answer), 'died-after-output' (a streamed error event naming the
+    replica's death after output was sent), or what else went wrong (status and message)."""
+    if not body.get("stream"):
+        r = requests.post(f"{url}/v1/completions", json=body, timeout=300)
+        ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        return "ok" if ok else f"{r.status_code}: {r.text[:200]}"
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=300) as r:
+        if r.status_code != 200:
+            return f"{r.status_code}: {r.text[:200]}"
+        events = sse_events(r)
+    errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+    if errors:
+        e = errors[0]
+        return "died-after-output" if "died after it streamed output" in e["message"] else f"error: {e}"
+    finished = [c for e in events if isinstance(e, dict) for c in e.get("choices", []) if c.get("finish_reason")]
+    return "ok" if finished and events[-1] == "[DONE]" else f"truncated: {events[-2:]}"
+
+
+def test_a_replica_killed_under_load_loses_no_request(serve_urls, tiny_checkpoint):
+    """24 clients' requests (half streamed) on 2 replicas, one replica killed while they run: every
+    non-streamed request and every stream that had sent nothing is answered (sent again to the
+    surviving or replacement replica); a stream that had sent output ends with an error event naming
+    the cause. None is lost, none silently truncated, none a 503."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from conftest import SMALL, one_off_app
+
+    from serve.config import ServeArgs
+
+    args = ServeArgs(model=str(tiny_checkpoint), name="tiny", num_replicas=2, **{**SMALL, "max_tokens_limit": 64})
+    with one_off_app(serve_urls, "load", args) as url:
+        names = _replica_actors("load")
+        assert len(names) == 2
+        bodies = [
+            {**GOOD, "prompt": f"{i} x", "max_tokens": 48, "temperature": 1.0, "seed": i, "stream": i % 2 == 1}
+            for i in range(24)
+        ]
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(_outcome, url, b) for b in bodies]
+            t0 = time.time()
+            while sum(f.done() for f in futures) < 4:
+                assert time.time() - t0 < 240, "the load never got going"
+                time.sleep(0.05)
+            in_flight = sum(not f.done() for f in futures)
+            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+            outcomes = [f.result() for f in futures]
+    counts = Counter(outcomes)
+    print(f"replica killed with {in_flight} of 24 requests in flight: {dict(counts)}")
+    assert in_flight >= 8  # the kill landed mid-load
+    assert set(counts) <= {"ok", "died-after-output"}, counts
+    streamed_deaths = [o for o, b in zip(outcomes, bodies, strict=True) if o == "died-after-output"]
+    assert all(b["stream"] for o, b in zip(outcomes, bodies, strict=True) if o != "ok")
+    assert counts["ok"] >= 24 - 4 and len(streamed_deaths) <= 4, counts  # at most its 4 in-flight streams
