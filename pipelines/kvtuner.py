@@ -40,7 +40,7 @@ from workers.caches.precision import PREFILL_REGIMES
 from workers.kvtuner.actors import run_jobs, run_profile
 from workers.kvtuner.report import front_rows, plot_heatmap, plot_pareto, select_for_budget
 from workers.model.hf.address import ADDRESS_HELP, DTYPES, check_weights, dtype_name, load_tokenizer, model_shape
-from workers.runtime import cli
+from workers.runtime import cli, faults
 from workers.runtime.cluster import init_ray
 from workers.runtime.pool import ActorPool
 from workers.stats import markdown_table, paired_difference
@@ -260,6 +260,7 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
             r.update(name=b, bits=parse_pair(b).bits)
         profile.save(prof_file)
         base_file.write_text(json.dumps(base_rows))
+        faults.point("kvtuner.profile_saved")
     kv = profile.keys_vs_values()
     metrics.update({k: float(v) for k, v in kv.items() if isinstance(v, int | float)})
     (out / "profile.json").write_text(json.dumps({**profile.to_dict(), "keys_vs_values": kv}, indent=1))
@@ -301,6 +302,7 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
         max_concurrent=cfg.actors,
         cpus_per_trial=cfg.cpus_per_actor,
         points=seeds,
+        callbacks=[faults.TrialDone("kvtuner.trial_done")],
     )
     metrics.update({f"search_{k}": float(v) for k, v in stats.items()})
     metrics["search_evaluated"] = float(len(rows))

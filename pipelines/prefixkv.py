@@ -43,7 +43,7 @@ from workers.prefixkv.actor import PrefixKVActor
 from workers.prefixkv.calibrate import reduce_samples
 from workers.prefixkv.evaluate import method_grid
 from workers.prefixkv.report import budgets_figure, curves_figure, results_table, summarize
-from workers.runtime import cli, tracking
+from workers.runtime import cli, faults, tracking
 from workers.runtime.cluster import init_ray
 from workers.runtime.pool import ActorPool
 
@@ -261,6 +261,7 @@ def calibrate(cfg: RunConfig, actors: ActorPool, tokens: torch.Tensor, workdir: 
         results.update(out)
         mlflow.log_artifact(str(log), artifact_path=str(Path(SAMPLES_FILE).parent))
         tracking.log_metrics({"samples_done": len(results)}, step=len(results))
+        faults.point("prefixkv.batch_saved")
     return results
 
 

@@ -43,3 +43,19 @@ def background(cmd: Sequence[str], log: Path, **kw) -> Iterator[subprocess.Popen
     finally:
         text = log.read_text(errors="replace") if log.is_file() else ""
         print(f"--- {log.name} (exit code {proc.poll()}) ---\n{text[-TAIL:]}")
+
+
+def killed_at(point: str, module: str, args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` SIGKILLed at a named fault point (`workers.runtime.faults`, e.g.
+    'indexcache.step_saved:1'), run from the repository root with its own local Ray; the test fails,
+    showing the output, unless the process died of that SIGKILL."""
+    import os
+    import signal
+    import sys
+
+    env = {**os.environ, **env, "CALIBRAY_FAULT": point}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, as a user's driver has
+    root = Path(__file__).resolve().parents[1]
+    p = run([sys.executable, "-m", module, *args], check=False, cwd=root, env=env, timeout=600)
+    assert p.returncode == -signal.SIGKILL, output(p)
+    return p

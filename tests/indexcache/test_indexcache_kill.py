@@ -8,18 +8,13 @@ shutdown runs: the MLflow run stays RUNNING and its Ray actors die with it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 
 from pipelines.indexcache import STATE_ARTIFACT, main, run
 from tests.indexcache.test_indexcache_ray import _cfg
+from tests.procs import killed_at
 
-ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "indexcache-kill-tests"
 
 
@@ -32,17 +27,9 @@ def _args(model_dir) -> list[str]:
 
 
 def test_driver_killed_after_a_step_resumes_to_the_uninterrupted_result(ray_local, mlflow_uri, tiny_checkpoint):
-    env = {**os.environ, "CALIBRAY_FAULT": "indexcache.step_saved:1", "MLFLOW_TRACKING_URI": mlflow_uri}
-    env.pop("RAY_ADDRESS", None)  # its own local Ray, as a user's driver has
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.indexcache", *_args(tiny_checkpoint)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    killed_at(
+        "indexcache.step_saved:1", "pipelines.indexcache", _args(tiny_checkpoint), {"MLFLOW_TRACKING_URI": mlflow_uri}
     )
-    assert done.returncode == -signal.SIGKILL, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
     client = mlflow.tracking.MlflowClient(mlflow_uri)
     killed = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])[0]

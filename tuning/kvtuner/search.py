@@ -191,10 +191,12 @@ def run_search(
     cpus_per_trial: float = 1.0,
     points: list[dict] | None = None,
     resume: bool = True,
+    callbacks: list | None = None,
 ) -> tuple[list[dict], dict]:
     """Run (or resume) the Tune search; returns (one row per evaluated map, searcher stats).
 
-    `trainable` is a `tune.Trainable` class already bound with `tune.with_parameters`. Each row:
+    `trainable` is a `tune.Trainable` class already bound with `tune.with_parameters`; `callbacks` are
+    Tune callbacks (saved with the experiment, so a restored search keeps them). Each row:
     {"key": group choices, "damage", "nll", "exact", "bits", "map"}.
     """
     import os
@@ -217,7 +219,7 @@ def run_search(
                 max_concurrent_trials=max_concurrent,
                 reuse_actors=True,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=callbacks),
         )
     grid = tuner.fit()
     rows, seen = [], set()
