@@ -11,6 +11,8 @@ The corpus is tokenized with the model's own tokenizer (its files beside config.
 without them needs a 256-token vocabulary, the byte tokenizer). The result is the MLflow
 artifact ``hf_model``: a plain transformers checkpoint (``AutoModelForCausalLM.from_pretrained``)
 with the tokenizer files and the routers' balancing state (``calibray_routing.safetensors``).
+Checkpoints, ``--storage``, ``--ckpt-every`` and ``--resume`` work as for the project's models
+(pipelines/train_moe.py; one mechanism, ``train_state.find_resume`` and ``ray_train.fit``).
 """
 
 from __future__ import annotations
