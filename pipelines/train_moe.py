@@ -9,8 +9,16 @@ Examples (embedded default: local Ray, MLflow in ./mlruns.db, CPU)::
     python -m pipelines.train_moe --model hf:<dir> --router bip  # fine-tune a transformers MoE model
 
 On a cluster: ``ray job submit --address ... --working-dir . -- python -m pipelines.train_moe
---preset demo --workers 8`` with MLFLOW_TRACKING_URI pointing at the head's mlflow server.
+--preset demo --workers 8 --storage s3://bucket/ray`` (storage every node reaches) with
+MLFLOW_TRACKING_URI pointing at the head's mlflow server.
 The trained model is the MLflow artifact ``model`` (address ``runs:/<run_id>/model``).
+
+Resume (docs/RELIABILITY.md): checkpoints live in Ray Train's storage under the run name
+``train-<first run id>``; ``--resume <run_id>`` starts a new MLflow run (tag ``resumed_from``,
+the old one is marked FAILED if it was left RUNNING) whose fit has the same Ray Train name and
+storage, so Ray Train restores it, starting from the newest complete checkpoint in that storage
+(one written after the driver died included). A run whose training had finished is evaluated
+and its model logged without training again.
 """
 
 from __future__ import annotations
@@ -20,18 +28,17 @@ import dataclasses
 import hashlib
 import json
 import sys
-from pathlib import Path
 
 import mlflow
-import torch
 
 from workers.data.corpus import load_corpus
 from workers.data.shards import write_shards
 from workers.model.config import ConfigError
-from workers.runtime import cli, tracking
+from workers.runtime import cli, storage, tracking
 from workers.training import train_state
 from workers.training.config import RECIPES, TrainConfig, parse_curriculum, recipe
 from workers.training.evaluate import final_report
+from workers.training.ray_train import fit, train_loop
 
 ARTIFACTS = tracking.ARTIFACTS
 
@@ -53,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for weights and data order")
     p.add_argument("--workers", type=int, help="Ray Train workers")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (and at the last step)")
+    p.add_argument("--storage", help=storage.HELP)
     p.add_argument("--ep-size", type=int, help="expert-parallel group size (MoE)")
     p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage for dense parameters (0, 1, 2)")
     p.add_argument("--n-layers", type=int, help="model: layers")
@@ -120,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "ep_size",
         "zero_stage",
         "cpus_per_worker",
+        "ckpt_every",
         "corpus",
     ):
         v = getattr(args, name)
@@ -153,55 +163,13 @@ def find_trained(tc: TrainConfig, experiment: str = "calibray") -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def latest_checkpoint(run_id: str) -> Path | None:
-    """The newest checkpoint directory a run's trainer left under artifacts/ray_results."""
-    return train_state.latest_checkpoint(ARTIFACTS / "ray_results", run_id)
-
-
-def fit(tc: TrainConfig, run_id: str, corpus, resume_dir: Path | None, extra: dict | None = None):
-    """Run the Ray Train fit; returns the final checkpoint directory (a local path)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from workers.runtime.cluster import init_ray
-    from workers.training.ray_train import train_loop
-
-    init_ray()
-    use_gpu = torch.cuda.is_available()
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "train": tc.to_dict(),
-            "run_id": run_id,
-            "tracking_uri": tracking.tracking_uri(),
-            "train_tokens": corpus.tokens("train"),
-            "filler": corpus.train,
-            "resume_dir": str(resume_dir) if resume_dir else None,
-            **(extra or {}),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=f"train-{run_id}",
-            storage_path=str(ARTIFACTS / "ray_results"),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    return Path(result.checkpoint.path)
-
-
 def run(
     tc: TrainConfig,
     *,
     experiment: str = "calibray",
     run_name: str | None = None,
     resume: str | None = None,
+    storage_uri: str | None = None,
     extra: dict | None = None,
 ) -> str:
     """Train, evaluate on held-out data, log everything; returns the MLflow run id."""
@@ -210,16 +178,12 @@ def run(
         tracking.check_run(resume)  # without creating an empty store where there is none
     corpus = load_corpus(tc.corpus)
     write_shards(corpus, ARTIFACTS / "data")
-    resume_dir = None
     tags = {"corpus_sha256": corpus.sha256, "preset": tc.preset, "config_sha": config_sha(tc, corpus.sha256)}
+    found = None
     if resume:
         tracking.setup(experiment)
-        tracking.mark_failed_if_running(resume)
-        resume_dir = latest_checkpoint(resume)
-        if resume_dir is None:
-            raise FileNotFoundError(f"--resume={resume!r}: no checkpoint under {ARTIFACTS / 'ray_results'}")
-        tags["resumed_from"] = resume
-        print(f"resuming run {resume} from {resume_dir}", flush=True)
+        found = train_state.resume_from(resume, storage_uri)
+        tags.update(found.tags())
     with tracking.start_run(
         "train_moe",
         experiment=experiment,
@@ -229,7 +193,8 @@ def run(
     ) as active:
         run_id = active.info.run_id
         print(f"MLflow run {run_id} ({tracking.tracking_uri()})", flush=True)
-        ckpt = fit(tc, run_id, corpus, resume_dir, extra)
+        loop_config = {"train_tokens": corpus.tokens("train"), "filler": corpus.train, **(extra or {})}
+        ckpt = fit(train_loop, tc, run_id, loop_config, resume=found, storage_given=storage_uri)
         model_dir, metrics = final_report(tc, ckpt, corpus)
         tracking.log_metrics(metrics)
         mlflow.log_artifacts(str(model_dir / "model"), "model")
@@ -249,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_moe_hf.main(args)
     tc = config_from_args(args)
-    run(tc, experiment=args.experiment, run_name=args.run_name, resume=args.resume)
+    run(tc, experiment=args.experiment, run_name=args.run_name, resume=args.resume, storage_uri=args.storage)
     return 0
 
 

@@ -11,6 +11,8 @@ The corpus is tokenized with the model's own tokenizer (its files beside config.
 without them needs a 256-token vocabulary, the byte tokenizer). The result is the MLflow
 artifact ``hf_model``: a plain transformers checkpoint (``AutoModelForCausalLM.from_pretrained``)
 with the tokenizer files and the routers' balancing state (``calibray_routing.safetensors``).
+Checkpoints, ``--storage``, ``--ckpt-every`` and ``--resume`` work as for the project's models
+(pipelines/train_moe.py; one mechanism, ``train_state.find_resume`` and ``ray_train.fit``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from workers.model.config import ConfigError, RouterConfig
 from workers.runtime import tracking
 from workers.training import train_state
-from workers.training.hf_moe import HFMoETrainConfig, read_hf_config
+from workers.training.hf_moe import HFMoETrainConfig, read_hf_config, train_loop
+from workers.training.ray_train import fit
 
 # flags of the project's recipes that describe a model or schedule the HF model does not have
 NOT_FOR_HF = ("n_layers", "d_model", "n_heads", "n_kv_heads", "topk", "n_experts", "dense_warmup_steps", "curriculum")
@@ -47,49 +50,22 @@ def config_from_args(args: argparse.Namespace) -> HFMoETrainConfig:
         given["bip_q_mode"] = args.bip_q_mode
     changes = {
         name: getattr(args, name)
-        for name in ("steps", "batch_size", "seq_len", "lr", "seed", "ep_size", "cpus_per_worker", "corpus")
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "lr",
+            "seed",
+            "ep_size",
+            "cpus_per_worker",
+            "ckpt_every",
+            "corpus",
+        )
         if getattr(args, name) is not None
     }
     if args.workers is not None:
         changes["num_workers"] = args.workers
     return HFMoETrainConfig(model=args.model, router=RouterConfig(**given), **changes)
-
-
-def fit(tc: HFMoETrainConfig, run_id: str, train_tokens: torch.Tensor, resume_dir: Path | None, extra: dict | None):
-    """Run the Ray Train fit of workers.training.hf_moe.train_loop; returns the final checkpoint dir."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from workers.runtime.cluster import init_ray
-    from workers.training.hf_moe import train_loop
-
-    init_ray()
-    use_gpu = torch.cuda.is_available()
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "train": tc.to_dict(),
-            "run_id": run_id,
-            "tracking_uri": tracking.tracking_uri(),
-            "train_tokens": train_tokens,
-            "resume_dir": str(resume_dir) if resume_dir else None,
-            **(extra or {}),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=f"train-{run_id}",
-            storage_path=str(tracking.ARTIFACTS / "ray_results"),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    return Path(result.checkpoint.path)
 
 
 @torch.no_grad()
@@ -121,6 +97,7 @@ def run(
     experiment: str = "calibray",
     run_name: str | None = None,
     resume: str | None = None,
+    storage_uri: str | None = None,
     extra: dict | None = None,
 ) -> str:
     """Fine-tune, evaluate on held-out data, export, log everything; returns the MLflow run id."""
@@ -139,15 +116,11 @@ def run(
     if train_tokens.numel() <= tc.seq_len:
         raise ConfigError(f"seq_len={tc.seq_len}: the train split has only {train_tokens.numel()} tokens")
     tags = {"corpus_sha256": corpus.sha256, "preset": tc.preset, "model_type": config.model_type}
-    resume_dir = None
+    found = None
     if resume:
         tracking.setup(experiment)
-        tracking.mark_failed_if_running(resume)
-        resume_dir = train_state.latest_checkpoint(tracking.ARTIFACTS / "ray_results", resume)
-        if resume_dir is None:
-            raise FileNotFoundError(f"--resume={resume!r}: no checkpoint of that run")
-        tags["resumed_from"] = resume
-        print(f"resuming run {resume} from {resume_dir}", flush=True)
+        found = train_state.resume_from(resume, storage_uri)
+        tags.update(found.tags())
     with tracking.start_run(
         "train_moe",
         experiment=experiment,
@@ -157,7 +130,8 @@ def run(
     ) as active:
         run_id = active.info.run_id
         print(f"MLflow run {run_id} ({tracking.tracking_uri()})", flush=True)
-        ckpt = fit(tc, run_id, train_tokens, resume_dir, extra)
+        loop_config = {"train_tokens": train_tokens, **(extra or {})}
+        ckpt = fit(train_loop, tc, run_id, loop_config, resume=found, storage_given=storage_uri)
         hf_dir, metrics = final_report(tc, ckpt, windows, tokenizer)
         tracking.log_metrics(metrics)
         mlflow.log_artifacts(str(hf_dir), "hf_model")
@@ -169,5 +143,5 @@ def run(
 
 def main(args: argparse.Namespace) -> int:
     tc = config_from_args(args)
-    run(tc, experiment=args.experiment, run_name=args.run_name, resume=args.resume)
+    run(tc, experiment=args.experiment, run_name=args.run_name, resume=args.resume, storage_uri=args.storage)
     return 0

@@ -15,6 +15,7 @@ import torch
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="calibray-tests-"))
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlruns.db'}"
+os.environ["CALIBRAY_STORAGE"] = str(_SESSION_DIR / "ray_results")  # Ray Train / Tune runs, not the repository's
 os.environ.pop("RAY_ADDRESS", None)  # tests never join a stray cluster
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Triton reads TRITON_INTERPRET once, when triton.language is first imported, and that import can

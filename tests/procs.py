@@ -9,8 +9,9 @@ background process, prints its log at teardown, which pytest shows only for a fa
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 TAIL = 4000  # characters of each stream shown: the end is where the error is
@@ -59,3 +60,43 @@ def killed_at(point: str, module: str, args: Sequence[str], env: dict[str, str])
     p = run([sys.executable, "-m", module, *args], check=False, cwd=root, env=env, timeout=600)
     assert p.returncode == -signal.SIGKILL, output(p)
     return p
+
+
+@contextlib.contextmanager
+def driver(cmd: Sequence[str], log: Path, **kw) -> Iterator[subprocess.Popen]:
+    """``background`` for a driver that starts its own local Ray: when the block ends, the driver and
+    every process under it (Ray's GCS, raylet and workers) are SIGKILLed, so a test that killed the
+    driver leaves no Ray behind. Descendants are listed before any kill: an orphan loses the link."""
+    import signal
+
+    import psutil
+
+    env = {**os.environ, **kw.pop("env", {})}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, as a user's driver has
+    with background(cmd, log, env=env, cwd=Path(__file__).resolve().parents[1], **kw) as proc:
+        tree: dict[int, psutil.Process] = {}
+        try:
+            yield proc
+        finally:
+            with contextlib.suppress(psutil.Error):
+                tree.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            for p in tree.values():
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def wait_for(ready: Callable[[], object], proc: subprocess.Popen, timeout_s: float, what: str):
+    """Poll ``ready()`` every 0.2 s until it returns something truthy (returned); the test fails if
+    ``proc`` ends first or ``timeout_s`` passes. How kill tests time a kill: on a file or a logged
+    metric appearing, never on a sleep."""
+    import time
+
+    t0 = time.monotonic()
+    while not (got := ready()):
+        assert proc.poll() is None, f"the process ended (exit code {proc.returncode}) before {what}"
+        assert time.monotonic() - t0 < timeout_s, f"no {what} within {timeout_s} s"
+        time.sleep(0.2)
+    return got

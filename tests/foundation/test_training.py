@@ -13,6 +13,7 @@ from tests.training import golden
 from workers.model import checkpoint
 from workers.model.config import ConfigError
 from workers.runtime import tracking
+from workers.training import train_state
 from workers.training.config import tiny
 
 
@@ -49,7 +50,7 @@ def test_crashed_run_ends_failed_and_resume_finishes(ray_local, mlflow_uri, tmp_
     (failed,) = client.search_runs([exp.experiment_id])
     assert failed.info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(failed.info.run_id, "train_loss")] == [2, 4, 6]
-    assert train_moe.latest_checkpoint(failed.info.run_id) is not None
+    assert train_state.find_resume(failed.info.run_id).step == 4
     resumed = train_moe.run(tc, experiment="test-resume", resume=failed.info.run_id)
     run = client.get_run(resumed)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from"] == failed.info.run_id

@@ -33,10 +33,11 @@ def test_ep_worker_killed_resumes_from_checkpoint_and_finishes(ray_local, mlflow
     assert run.info.status == "FINISHED"
     resumed = client.get_metric_history(run_id, "resumed_from_step")
     assert [m.value for m in resumed] == [3.0]
-    steps = {m.step for m in client.get_metric_history(run_id, "train_loss")}
-    assert steps == set(range(1, 9))
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, 9))  # steps 4 and 5, run twice, logged once
     assert tc == golden.ray_configs()["ep2_zero2_crash"]  # the loss curve (golden.match) of the loop before the merge
-    assert golden.match(golden.logged_curve(client, run_id), golden.load()["ray_train"]["ep2_zero2_crash"])
+    want = golden.logged_once(golden.load()["ray_train"]["ep2_zero2_crash"])
+    assert golden.match(golden.logged_curve(client, run_id), want)
     m = run.data.metrics
     assert {"maxvio/layer_0", "load/layer_0/expert_3", "straggler_ratio", "avg_maxvio", "heldout_nll"} <= set(m)
     # the saved model is unsharded and carries the moved loss-free bias of every layer

@@ -160,6 +160,13 @@ def logged_curve(client, run_id: str) -> list[list[float]]:
     return [[m.step, m.value] for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
 
 
+def logged_once(curve: list[list[float]]) -> list[list[float]]:
+    """A recorded curve as the pipeline logs it now: the steps a replaced worker re-runs after its
+    checkpoint are no longer logged again (issue 17), so each step keeps its first [step, value]."""
+    seen: set[int] = set()
+    return [p for p in curve if not (p[0] in seen or seen.add(p[0]))]
+
+
 def record_ray(scratch: Path) -> dict:
     """The Ray Train runs of ``ray_configs``, with the pipeline tests' fault injection."""
     from mlflow.tracking import MlflowClient

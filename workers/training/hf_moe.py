@@ -177,14 +177,13 @@ class HFExpertParallel:
 
 def train_loop(config: dict) -> None:
     """The Ray Train worker: config = {"train": HFMoETrainConfig dict, "train_tokens", "run_id",
-    "tracking_uri", "resume_dir", and for fault-injection tests "crash_at_step", "crash_marker"}."""
+    "tracking_uri", "resume_uri", and the fault injection of ``ray_train.checkpoint_and_faults``}."""
     import ray.train
 
     from workers.model.moe.metrics import MaxVioTracker
-    from workers.training import train_state
     from workers.training.batches import weighted_batch
     from workers.training.loop import run_steps
-    from workers.training.ray_train import Checkpointer, CrashAt, MLflowMetrics, ProgressBar
+    from workers.training.ray_train import MLflowMetrics, ProgressBar, checkpoint_and_faults, restore
 
     tc = HFMoETrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
@@ -193,14 +192,7 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     par = HFExpertParallel(tc)
     lm = build(tc)
-    restored = train_state.Restored()
-    ckpt = ray.train.get_checkpoint()
-    resume_dir = config.get("resume_dir")
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            restored = train_state.read(Path(d), lm, rank, world, replicated=False)
-    elif resume_dir:
-        restored = train_state.read(Path(resume_dir), lm, rank, world, replicated=False)
+    restored = restore(lm, rank, world, par, config.get("resume_uri"))
     opt = par.optimizer(lm)
     if restored.opt_state is not None:
         opt.load_state_dict(restored.opt_state)
@@ -213,12 +205,10 @@ def train_loop(config: dict) -> None:
             from mlflow.tracking import MlflowClient
 
             sink = MLflowMetrics(MlflowClient(config["tracking_uri"]), config["run_id"], tc, lm, world)
-            if ckpt is not None or resume_dir:
+            if restored.step:
                 sink.log(restored.step, {"resumed_from_step": restored.step})
             hooks.append(sink)
-    hooks.append(Checkpointer(tc, lm, opt, par, tracker, rank, world))
-    if config.get("crash_at_step") is not None and rank == world - 1:
-        hooks.append(CrashAt(config["crash_at_step"], Path(config["crash_marker"]), config.get("crash_delay_s", 5.0)))
+    hooks += checkpoint_and_faults(config, tc, lm, opt, par, tracker, rank, world)
     tokens = config["train_tokens"]
     run_steps(
         lm,
