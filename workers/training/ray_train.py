@@ -19,7 +19,6 @@ steps already in the MLflow run are not logged again.
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -118,7 +117,6 @@ class Checkpointer:
     tracker: MaxVioTracker
     rank: int
     world: int
-    on_uploaded: Callable[[int], None] | None = None  # fault injection: runs between upload and registration
 
     def __call__(self, r: StepResult) -> None:
         import ray.train
@@ -141,8 +139,6 @@ class Checkpointer:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             metrics = {"step": r.step, "train_loss": float(r.ce.detach()), **self.tracker.summary()}
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=train_state.dir_name(r.step))
-        if self.on_uploaded is not None:
-            self.on_uploaded(r.step)
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
@@ -161,21 +157,6 @@ class CrashAt:
             os._exit(1)
 
 
-@dataclass(frozen=True)
-class KillDriverAt:
-    """Fault injection for tests: rank 0 SIGKILLs the driver once checkpoint ``step`` is uploaded and
-    before Ray Train registers it, so the checkpoint exists only in storage (as when the driver died
-    while the workers went on), then waits to be stopped with the driver's controller."""
-
-    step: int
-    pid: int
-
-    def __call__(self, step: int) -> None:
-        if step == self.step:
-            os.kill(self.pid, signal.SIGKILL)
-            time.sleep(600)
-
-
 def restore(model: torch.nn.Module, rank: int, world: int, par, resume_uri: str | None) -> train_state.Restored:
     """Load the newest of Ray Train's restored checkpoint and the driver's ``resume_uri`` into the model."""
     import ray.train
@@ -189,11 +170,8 @@ def restore(model: torch.nn.Module, rank: int, world: int, par, resume_uri: str 
 
 def checkpoint_and_faults(config: dict, tc, model, opt, par, tracker, rank: int, world: int) -> list:
     """The last hooks of every training loop: the Checkpointer, and the fault injection ``config`` asks for
-    ("kill_driver_at_step" with "driver_pid"; "crash_at_step" with "crash_marker", "crash_delay_s")."""
-    kill_driver = None
-    if config.get("kill_driver_at_step") is not None and rank == 0:
-        kill_driver = KillDriverAt(config["kill_driver_at_step"], config["driver_pid"])
-    hooks = [Checkpointer(tc, model, opt, par, tracker, rank, world, kill_driver)]
+    ("crash_at_step" with "crash_marker", "crash_delay_s")."""
+    hooks = [Checkpointer(tc, model, opt, par, tracker, rank, world)]
     if config.get("crash_at_step") is not None and rank == world - 1:
         delay = float(config.get("crash_delay_s", CrashAt.delay_s))
         hooks.append(CrashAt(config["crash_at_step"], Path(config["crash_marker"]), delay))
@@ -254,8 +232,7 @@ def fit(
 
 def train_loop(config: dict) -> None:
     """config: {"train": TrainConfig dict, "train_tokens", "filler", "run_id", "tracking_uri", "resume_uri",
-    and for fault-injection tests "crash_at_step", "crash_marker", "crash_delay_s", "kill_driver_at_step",
-    "driver_pid"}."""
+    and for fault-injection tests "crash_at_step", "crash_marker", "crash_delay_s"}."""
     import ray.train
 
     tc = TrainConfig.from_dict(config["train"])
