@@ -26,11 +26,17 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") not in ("0", "false", "False")
 
 
-@functools.cache
 def load(op: str, source: Path, extra_cflags: tuple[str, ...] = ()) -> ModuleType | None:
-    """The compiled module of `source` for kernel `op`, or None (switched off, or the build failed)."""
-    if not enabled():
-        return None
+    """The compiled module of `source` for kernel `op`, or None (switched off, or the build failed).
+
+    The switch is read on every call, so setting it at run time (benchmarks timing both paths in
+    one process) takes effect at once; the build is attempted once per process.
+    """
+    return _build(op, source, extra_cflags) if enabled() else None
+
+
+@functools.cache
+def _build(op: str, source: Path, extra_cflags: tuple[str, ...]) -> ModuleType | None:
     from torch.utils.cpp_extension import load as build
 
     try:

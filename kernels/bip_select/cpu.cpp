@@ -4,8 +4,8 @@
 // Shape legend: N tokens, E experts, K experts per token, cap the per-expert capacity.
 // One round is two passes. Rows (tokens, parallel): p_i = max(0, (K+1)-th largest of s_i - q)
 // from a small insertion buffer, and s_ij - p_i written to column j of a scratch [E, N] (the
-// transpose comes free with the row already in cache). Columns (experts, parallel):
-// q_j = max(0, (cap+1)-th largest) by std::nth_element on the column. Every value is an fp32
+// transpose comes with the rows in cache, 16 rows at a time). Columns (experts, parallel):
+// q_j = max(0, (cap+1)-th largest) by a sampled threshold and std::nth_element on what passes it. Every value is an fp32
 // element of s - q or s - p, computed as the reference computes it, so q is bit-exact.
 // The routing top-K reproduces torch.topk's CPU order (ATen/native/TopKImpl.h): a buffer of the
 // K+1 best gives it directly when those values are distinct; a row with a tie or a NaN runs
@@ -48,6 +48,34 @@ inline float kth_largest(const float* d, int64_t e, int64_t k, float* scratch) {
   std::copy(d, d + e, scratch);
   std::nth_element(scratch, scratch + k - 1, scratch + e, std::greater<float>());
   return scratch[k - 1];
+}
+
+// The (r+1)-th largest of c[0, n) (c is scratch, reordered); buf holds n floats. The rank is a
+// small share of n (cap ~ K N / E), so a strided sample gives a threshold just below it, one
+// branchless pass keeps the values at or above it, and nth_element runs on those few; exact
+// whenever at least r+1 values are kept (all values >= the threshold are), else a full nth_element.
+inline float select_desc(float* c, int64_t n, int64_t r, float* buf) {
+  constexpr int64_t SAMPLES = 256;
+  const double expect = double(r + 1) * SAMPLES / double(n);  // sampled values above the answer
+  if (n >= 4 * SAMPLES && expect < SAMPLES / 2) {
+    float smp[SAMPLES];
+    const int64_t stride = n / SAMPLES;
+    for (int64_t t = 0; t < SAMPLES; ++t) smp[t] = c[t * stride];
+    const int64_t rank = std::min<int64_t>(SAMPLES - 1, int64_t(expect + 3.0 * std::sqrt(expect) + 4.0));
+    std::nth_element(smp, smp + rank, smp + SAMPLES, std::greater<float>());
+    const float th = smp[rank];
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      buf[m] = c[i];
+      m += c[i] >= th;
+    }
+    if (m > r) {
+      std::nth_element(buf, buf + r, buf + m, std::greater<float>());
+      return buf[r];
+    }
+  }
+  std::nth_element(c, c + r, c + n, std::greater<float>());
+  return c[r];
 }
 
 using Elem = std::pair<float, int64_t>;
@@ -110,6 +138,7 @@ inline void topk_row(const float* d, int64_t e, int64_t kk, std::vector<Elem>& q
 }
 
 constexpr int64_t ROW_GRAIN = 256;
+constexpr int64_t BLOCK = 16;  // rows per transposed block: one 64-byte line per column
 
 // route: 0 = prices only; 1 = `pre` (rounds, then top-K of s - q); 2 = causal (top-(K+1) of
 // s - q0 routes with its first K and gives round 1's p, then the rounds).
@@ -164,25 +193,29 @@ std::tuple<at::Tensor, at::Tensor> bip_select(const at::Tensor& s_in, const at::
       const bool given = have_p;
       at::parallel_for(0, n, ROW_GRAIN, [&](int64_t b, int64_t end) {
         std::vector<float> d(e), scratch(e);
-        for (int64_t i = b; i < end; ++i) {
-          const float* row = s + i * e;
-          float pi;
-          if (given) {
-            pi = pd[i];
-          } else {
-            for (int64_t j = 0; j < e; ++j) d[j] = row[j] - qd[j];
-            pi = max0(kth_largest(d.data(), e, k + 1, scratch.data()));
+        float pb[BLOCK];
+        for (int64_t i0 = b; i0 < end; i0 += BLOCK) {
+          const int64_t rows = std::min(BLOCK, end - i0);
+          for (int64_t t = 0; t < rows; ++t) {
+            const float* row = s + (i0 + t) * e;
+            if (given) {
+              pb[t] = pd[i0 + t];
+            } else {
+              for (int64_t j = 0; j < e; ++j) d[j] = row[j] - qd[j];
+              pb[t] = max0(kth_largest(d.data(), e, k + 1, scratch.data()));
+            }
           }
-          for (int64_t j = 0; j < e; ++j) col[j * n + i] = row[j] - pi;
+          // a block of rows at a time, so each column gets whole cache lines
+          for (int64_t j = 0; j < e; ++j) {
+            float* c = col + j * n + i0;
+            for (int64_t t = 0; t < rows; ++t) c[t] = s[(i0 + t) * e + j] - pb[t];
+          }
         }
       });
       have_p = false;
       at::parallel_for(0, e, 1, [&](int64_t b, int64_t end) {
-        for (int64_t j = b; j < end; ++j) {
-          float* c = col + j * n;
-          std::nth_element(c, c + cap, c + n, std::greater<float>());
-          qd[j] = max0(c[cap]);
-        }
+        std::vector<float> buf(n);
+        for (int64_t j = b; j < end; ++j) qd[j] = max0(select_desc(col + j * n, n, cap, buf.data()));
       });
     }
   }
