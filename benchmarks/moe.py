@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -26,6 +27,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from kernels._cpu import ENV as CPU_ENV
+from kernels.bip_select import capacity
+from kernels.bip_select import cpu as bip_cpu
 from workers.data.corpus import load_corpus
 from workers.model.config import MoEConfig, RouterConfig
 from workers.model.moe.ffn import MoEFFN
@@ -141,10 +145,31 @@ BIP_ROUTERS = {
 }
 
 
+# the routers also timed on the PyTorch reference path (CALIBRAY_CPU_KERNELS=0), beside the
+# fused CPU kernel (kernels.bip_select), in the same run
+TORCH_COMPARED = ("bip_t1", "bip_t2", "bip_causal_t1")
+
+
+@contextlib.contextmanager
+def cpu_kernels(on: bool):
+    """The compiled CPU kernels on or off (kernels._cpu reads the switch on every call)."""
+    before = os.environ.get(CPU_ENV)
+    os.environ[CPU_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CPU_ENV)
+        else:
+            os.environ[CPU_ENV] = before
+
+
 def router_benchmark(tokens: int, experts: int, d_model: int, repeats: int) -> dict[str, float]:
     """Per BIP router: ms of the whole router call (gate matmul + scores + selection + gate
-    weights + load) and of the selection alone (scores given), each against plain top-K in
-    alternating calls; the minimum over `repeats` calls per side."""
+    weights + load) and of the selection alone (scores given), each against plain top-K
+    (torch.topk) in alternating calls; the minimum over `repeats` calls per side. Every router
+    runs the fused CPU kernel; those in TORCH_COMPARED also the PyTorch path (`<name>_torch`).
+    `fused_topk`: the kernel with T = 0 (a plain top-K of s, no rounds), selection only."""
     torch.manual_seed(0)
     x = torch.randn(tokens, d_model)  # [N, D]
     routers = {}
@@ -152,46 +177,67 @@ def router_benchmark(tokens: int, experts: int, d_model: int, repeats: int) -> d
         torch.manual_seed(0)
         routers[name] = Router(d_model, MoEConfig(n_experts=experts, top_k=2, router=rc)).train()
     out: dict[str, float] = {}
+    top = routers["topk"]
+
+    def pair(key: str, a: Callable[[], object], b: Callable[[], object]) -> None:
+        t_a, t_b = bench_pair(a, b, repeats, min)
+        out[f"{key}_ms"], out[f"topk_ms_vs_{key}"], out[f"{key}_over_topk_time"] = 1e3 * t_a, 1e3 * t_b, t_a / t_b
+
     with torch.no_grad():
-        s = routers["topk"].scores(x)  # [N, E]; every router has the same gate
+        s = top.scores(x)  # [N, E]; every router has the same gate
+        zero, cap = torch.zeros(experts), capacity(tokens, experts, 2)
+        pair("fused_topk_select", lambda: bip_cpu.bip_select(s, 2, 0, cap, zero, "pre"), lambda: top.select(s))
         for name in BIP_ROUTERS:
             r = routers[name]
             for i in range(3):  # warm-start q on other batches first, as in training
                 r(torch.randn(tokens, d_model, generator=torch.Generator().manual_seed(i)))
-            t_bip, t_top = bench_pair(lambda r=r: r(x), lambda: routers["topk"](x), repeats, min)
-            out[f"{name}_ms"], out[f"topk_ms_vs_{name}"] = 1e3 * t_bip, 1e3 * t_top
-            out[f"{name}_over_topk_time"] = t_bip / t_top
-            t_bip, t_top = bench_pair(lambda r=r: r.select(s), lambda: routers["topk"].select(s), repeats, min)
-            out[f"{name}_select_ms"], out[f"topk_select_ms_vs_{name}"] = 1e3 * t_bip, 1e3 * t_top
-            out[f"{name}_over_topk_select_time"] = t_bip / t_top
+            q = r.bip_price.clone()
+            for key, on in [(name, True)] + [(f"{name}_torch", False)] * (name in TORCH_COMPARED):
+
+                def whole(r=r, on=on, q=q):
+                    r.bip_price.copy_(q)  # every call starts from the same carried q
+                    with cpu_kernels(on):
+                        return r(x)
+
+                def select(r=r, on=on, q=q):
+                    r.bip_price.copy_(q)
+                    with cpu_kernels(on):
+                        return r.select(s)
+
+                pair(key, whole, lambda: top(x))
+                pair(f"{key}_select", select, lambda: top.select(s))
     return out
 
 
 def step_benchmark(arms: list[str], steps: int) -> dict[str, float]:
     """The router's share of a training step: the balancing sweep's small preset (4 layers,
     16 experts, top-2, 8 x 128 tokens), `steps` real optimizer steps per arm (the first one
-    dropped); router time = scores + selection summed over the layers."""
+    dropped); router time = scores + selection summed over the layers. An arm named
+    `<arm>:torch` runs with the compiled CPU kernels off."""
     cfg = ExperimentConfig(steps=steps)
     tokens = load_corpus(cfg.corpus).tokens("train")
     out: dict[str, float] = {}
-    for arm in arms:
+    for key in arms:
+        arm, on = key.removesuffix(":torch"), not key.endswith(":torch")
         if arm not in ARMS:
             raise SystemExit(f"--step-arms: {arm!r} is not an arm of workers.moe.experiment.ARMS")
         torch.manual_seed(0)
         model = CalibLM(cfg.model_config(arm))
         opt = AdamWOptimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
         rows: list[tuple[float, float]] = []
-        run_steps(
-            model,
-            opt,
-            cfg.schedule,
-            lambda step: (batch(tokens, cfg, 0, step), None),
-            hooks=[lambda r, rows=rows: rows.append((r.seconds, r.router_s))],
-        )
+        with cpu_kernels(on):
+            run_steps(
+                model,
+                opt,
+                cfg.schedule,
+                lambda step: (batch(tokens, cfg, 0, step), None),
+                hooks=[lambda r, rows=rows: rows.append((r.seconds, r.router_s))],
+            )
         step_s = statistics.median(t for t, _ in rows[1:])
         router_s = statistics.median(t for _, t in rows[1:])
-        out[f"{arm}/step_ms"], out[f"{arm}/router_ms"] = 1e3 * step_s, 1e3 * router_s
-        out[f"{arm}/router_share"] = router_s / step_s
+        key = key.replace(":", "_")  # a metric name
+        out[f"{key}/step_ms"], out[f"{key}/router_ms"] = 1e3 * step_s, 1e3 * router_s
+        out[f"{key}/router_share"] = router_s / step_s
     return out
 
 
@@ -208,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-repeats", type=int, default=30, help="timed router calls per side (min)")
     p.add_argument(
         "--step-arms",
-        default="none,bip_pre_carry_t1,bip_pre_carry_t2,bip_pre_t4",
-        help="sweep arms timed in a training step",
+        default="none,bip_pre_carry_t1,bip_pre_carry_t1:torch,bip_pre_carry_t2,bip_pre_carry_t2:torch,bip_pre_t4",
+        help="sweep arms timed in a training step (`<arm>:torch`: with the compiled CPU kernels off)",
     )
     p.add_argument("--step-steps", type=int, default=8, help="optimizer steps per arm in the step benchmark")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -234,24 +280,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         widths = [int(t) for t in args.router_d_model.split(",")]
         print("\n## Router time per call, top-2, BIP q warm-started (min over alternating calls)\n")
-        print("Cells: BIP / plain top-K time ratio, whole router (gate matmul + scores + selection + gate weights")
+        print("Cells: BIP / plain top-K (torch.topk) time ratio, whole router (gate matmul + scores + selection +")
+        print("gate weights + load) then selection alone (scores given); each against its own alternating top-K")
+        print("partner. `<router>` = fused CPU kernel, `<router> torch` = PyTorch path in the same run;")
+        print("`fused top-K` = the kernel at T = 0 (plain top-K of s), selection only.\n")
+        cols = [c for name in BIP_ROUTERS for c in (name, f"{name}_torch") if c in name or name in TORCH_COMPARED]
         print(
-            "+ load) then selection alone (scores given); each BIP router against its own alternating top-K partner.\n"
+            "| D | tokens | experts | top-K whole ms | top-K selection ms | fused top-K | "
+            + " | ".join(c.replace("_torch", " torch") for c in cols)
+            + " |"
         )
-        print("| D | tokens | experts | top-K whole ms | top-K selection ms | " + " | ".join(BIP_ROUTERS) + " |")
-        print("|---" * (5 + len(BIP_ROUTERS)) + "|")
+        print("|---" * (6 + len(cols)) + "|")
         for d in widths:
             for n in [int(t) for t in args.router_tokens.split(",")]:
                 for e in [int(t) for t in args.router_experts.split(",")]:
                     r = router_benchmark(n, e, d, args.router_repeats)
                     tracking.log_metrics({f"router/d{d}_n{n}_e{e}/{k}": v for k, v in r.items()})
-                    cells = [
-                        f"{r[f'{name}_over_topk_time']:.2f}x / {r[f'{name}_over_topk_select_time']:.2f}x"
-                        for name in BIP_ROUTERS
-                    ]
-                    top_whole = statistics.median(r[f"topk_ms_vs_{name}"] for name in BIP_ROUTERS)
-                    top_sel = statistics.median(r[f"topk_select_ms_vs_{name}"] for name in BIP_ROUTERS)
-                    print(f"| {d} | {n} | {e} | {top_whole:.3f} | {top_sel:.3f} | " + " | ".join(cells) + " |")
+                    cells = [f"{r[f'{c}_over_topk_time']:.2f}x / {r[f'{c}_select_over_topk_time']:.2f}x" for c in cols]
+                    top_whole = statistics.median(r[f"topk_ms_vs_{c}"] for c in cols)
+                    top_sel = statistics.median(r[f"topk_ms_vs_{c}_select"] for c in cols)
+                    print(
+                        f"| {d} | {n} | {e} | {top_whole:.3f} | {top_sel:.3f} | "
+                        f"{r['fused_topk_select_over_topk_time']:.2f}x | " + " | ".join(cells) + " |"
+                    )
         arms = [a.strip() for a in args.step_arms.split(",") if a.strip()]
         st = step_benchmark(arms, args.step_steps)
         tracking.log_metrics({f"step/{k}": v for k, v in st.items()})
@@ -259,9 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| arm | step ms | router ms (4 layers) | router share |")
         print("|---|---|---|---|")
         for arm in arms:
-            print(
-                f"| {arm} | {st[f'{arm}/step_ms']:.1f} | {st[f'{arm}/router_ms']:.2f} | {st[f'{arm}/router_share']:.1%} |"
-            )
+            m = arm.replace(":", "_")
+            print(f"| {arm} | {st[f'{m}/step_ms']:.1f} | {st[f'{m}/router_ms']:.2f} | {st[f'{m}/router_share']:.1%} |")
     return 0
 
 

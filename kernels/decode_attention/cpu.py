@@ -5,42 +5,28 @@ tensors) is 3-5x a full-precision attention on CPU at 2048 tokens; the fused ker
 codes once and is within ~1.2x of it (benchmarks.decode_cpu). It needs a C++ compiler: the first
 use on a machine builds it (~40 s, cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions);
 where the build fails (no compiler) `available()` is False, one warning says why, and callers
-keep the reference path. `CALIBRAY_CPU_KERNELS=0` turns the fast path off.
+keep the reference path. `CALIBRAY_CPU_KERNELS=0` turns the fast path off (kernels/_cpu.py).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
-import os
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from kernels._cpu import load
 from kernels.kv_quant.reference import PackedKV
 
-ENV = "CALIBRAY_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("cpu.cpp")
 # Reassociation lets the compiler vectorise the dot products and sums; infinities (the running
 # max starts at -inf) stay defined, unlike -ffast-math.
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
-
-log = logging.getLogger(__name__)
+CFLAGS = ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 
 
-@functools.cache
 def _module() -> ModuleType | None:
-    if os.environ.get(ENV, "1") in ("0", "false", "False"):
-        return None
-    from torch.utils.cpp_extension import load
-
-    try:
-        return load(name="calibray_decode_attention_cpu", sources=[str(SOURCE)], extra_cflags=CFLAGS)
-    except Exception as e:  # noqa: BLE001 - any build failure means: no fast path on this machine
-        log.warning("decode attention: the CPU kernel did not build (%s); using the PyTorch path", str(e)[:300])
-        return None
+    return load("decode_attention", SOURCE, CFLAGS)
 
 
 def available() -> bool:

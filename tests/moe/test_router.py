@@ -272,3 +272,23 @@ def test_checkpoint_without_the_price_buffer_loads_with_q_zero():
     clone.load_state_dict(old)  # strict: nothing missing, nothing unexpected
     assert all(float(r.bip_price.abs().sum()) == 0 for r in routers(clone))
     assert torch.equal(clone.layers[0].ffn.router.gate.weight, model.layers[0].ffn.router.gate.weight)
+
+
+@pytest.mark.parametrize("mode", ["pre", "causal"])
+def test_fused_cpu_kernel_routes_as_the_pytorch_path(mode, monkeypatch):
+    """The router on the compiled CPU kernel (kernels.bip_select) and with it switched off give
+    the same indices and the same q, bit for bit, step after step with q carried."""
+    from kernels.bip_select import cpu
+
+    assert cpu.available(), "the CPU BIP kernel did not build (see kernels/bip_select/cpu.py)"
+    rc = RouterConfig(strategy="bip", bip_mode=mode, bip_iters=2, bip_q_mode="carry")
+    fused, torch_path = (routers(skewed_model(rc).train())[0] for _ in range(2))
+    with torch.no_grad():
+        for i in range(3):
+            x = torch.randn(96, 32, generator=torch.Generator().manual_seed(i))
+            monkeypatch.setenv("CALIBRAY_CPU_KERNELS", "1")
+            got = fused(x).expert_idx
+            monkeypatch.setenv("CALIBRAY_CPU_KERNELS", "0")
+            want = torch_path(x).expert_idx
+            assert torch.equal(got, want) and torch.equal(fused.bip_price, torch_path.bip_price)
+    assert float(fused.bip_price.sum()) > 0

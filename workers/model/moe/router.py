@@ -28,6 +28,8 @@ from workers.model.config import MoEConfig
 from workers.model.moe.balancing import (
     aux_loss,
     bip_prices,
+    bip_route,
+    bip_route_causal,
     expert_load,
     gate_weights,
     loss_free_update,
@@ -84,23 +86,23 @@ class Router(nn.Module):
         if not self.training:
             return self.topk(s, k, -self.bip_price)
         warm = rc.bip_q_mode == "carry"
+        init = self.bip_price if warm else None
+        # the fused routing (one C++ call on CPU) ranks by a plain top-K of the batch's own
+        # scores: not with a constrained `topk`, nor where q comes from the whole EP group
+        fused = not self.constrained_topk and self.ep_group is None
         if rc.bip_mode == "pre":
-            # the prices of the whole expert-parallel batch: every rank sees the same scores
-            q = bip_prices(gather_rows(s, self.ep_group), k, rc.bip_iters, init=self.bip_price if warm else None)
-            idx = self.topk(s, k, -q)
+            if fused:
+                q, idx = bip_route(s, k, rc.bip_iters, init=init)
+            else:  # the prices of the whole expert-parallel batch: every rank sees the same scores
+                q = bip_prices(gather_rows(s, self.ep_group), k, rc.bip_iters, init=init)
+                idx = self.topk(s, k, -q)
+        elif fused and warm:
+            # one top-(K+1) of s - q_prev routes the batch (first K) and gives the first round's
+            # token prices (the (K+1)-th value) for free
+            q, idx = bip_route_causal(s, k, rc.bip_iters, self.bip_price)
         else:
-            top = None
-            if self.constrained_topk:
-                idx = self.topk(s, k, -self.bip_price)
-            else:
-                # one top-(K+1) of s - q_prev routes the batch (first K) and, when q is carried,
-                # gives the first round's token prices (the (K+1)-th value) for free
-                top = (s - self.bip_price).topk(k + 1, dim=-1)
-                idx = top.indices[:, :k]
-            if warm and self.ep_group is None and top is not None:
-                q = bip_prices(s, k, rc.bip_iters, init=self.bip_price, token_prices=top.values[:, k].clamp_min(0))
-            else:
-                q = bip_prices(gather_rows(s, self.ep_group), k, rc.bip_iters, init=self.bip_price if warm else None)
+            idx = self.topk(s, k, -self.bip_price)
+            q = bip_prices(gather_rows(s, self.ep_group), k, rc.bip_iters, init=init)
         self.bip_price.copy_(q)
         return idx
 
