@@ -76,8 +76,9 @@ def head_and_mlflow(tmp_path):
         )  # fmt: skip
         try:
             assert head.returncode == 0, procs.output(head)
-            _wait_http(f"http://127.0.0.1:{mlf}/health", 120)
-            _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
+            # the server alone took 46 s to answer on 2 loaded cores; 120 s timed out under the full suite
+            _wait_http(f"http://127.0.0.1:{mlf}/health", 300)
+            _wait_http(f"http://127.0.0.1:{dash}/api/version", 300)
             yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}"}
         finally:
             _kill_matching(str(temp_dir))
