@@ -37,7 +37,7 @@ from tuning.kvtuner.space import (
     validate_budget,
 )
 from workers.caches.precision import PREFILL_REGIMES
-from workers.kvtuner.actors import run_jobs, run_profile
+from workers.kvtuner.actors import TrialDone, run_jobs, run_profile
 from workers.kvtuner.report import front_rows, plot_heatmap, plot_pareto, select_for_budget
 from workers.model.hf.address import ADDRESS_HELP, DTYPES, check_weights, dtype_name, load_tokenizer, model_shape
 from workers.runtime import cli, faults
@@ -302,7 +302,7 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
         max_concurrent=cfg.actors,
         cpus_per_trial=cfg.cpus_per_actor,
         points=seeds,
-        callbacks=[faults.TrialDone("kvtuner.trial_done")],
+        callbacks=[TrialDone("kvtuner.trial_done")],
     )
     metrics.update({f"search_{k}": float(v) for k, v in stats.items()})
     metrics["search_evaluated"] = float(len(rows))

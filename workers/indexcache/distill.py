@@ -47,7 +47,7 @@ class DistillConfig:
 
 def observe(model, tokens: torch.Tensor, pattern: str) -> list[tuple]:
     """One no-grad forward under `pattern` -> per layer [N]: (x, pos, q, k, idx), the indexer's input
-    [B, T, D], positions [B, T], the main attention's q [B, T, H, Dh] and k [B, T, Hkv, Dh], and the
+    [B, T, D] (needed, and for a CalibLM given, on F layers only), positions [B, T], the main attention's q [B, T, H, Dh] and k [B, T, Hkv, Dh], and the
     top-k [B, T, K] it attended. A converted HF model records them in its attention function
     (`DSAModel.observe`); a CalibLM through its observer hook and layer-by-layer run."""
     if hasattr(model, "observe"):
@@ -63,7 +63,7 @@ def observe(model, tokens: torch.Tensor, pattern: str) -> list[tuple]:
     h, buf, out = model.embed(tokens), None, []
     with torch.no_grad():
         for layer in range(n):
-            x = model.layers[layer].input_norm(h)
+            x = model.layers[layer].input_norm(h) if pattern[layer] == "F" else None  # only F indexers train
             h, buf, _, _ = model.run_layers(h, layer, layer + 1, ctx=ctx, pattern=pattern, index_buffer=buf)
             out.append((x, ctx.pos, *qk.pop(layer), buf))
     return out

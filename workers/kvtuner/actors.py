@@ -24,6 +24,7 @@ from workers.kvtuner.evaluate import (
     task_metric,
 )
 from workers.model.hf.address import load_any
+from workers.runtime import faults
 from workers.runtime.pool import ActorPool
 
 
@@ -100,6 +101,16 @@ def run_jobs(pool: ActorPool, jobs: list[dict]) -> list[dict]:
 
 def profile_jobs(n_layers: int, data: str = "calib") -> list[dict]:
     return [{"op": "probe", "layer": layer, "pair": p.name, "data": data} for layer in range(n_layers) for p in PAIRS]
+
+
+class TrialDone(tune.Callback):
+    """Hits fault point `name` (workers.runtime.faults) after every completed trial, in the driver."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        faults.point(self.name)
 
 
 class KVTrial(tune.Trainable):

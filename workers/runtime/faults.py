@@ -14,8 +14,6 @@ import os
 import signal
 from collections import Counter
 
-from ray import tune
-
 ENV = "CALIBRAY_FAULT"
 _hits: Counter[str] = Counter()
 
@@ -39,13 +37,3 @@ def point(name: str) -> None:
     _hits[name] += 1
     if _hits[name] == nth:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TrialDone(tune.Callback):
-    """A Ray Tune callback that hits a point after every completed trial (in the driver)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        point(self.name)
