@@ -46,18 +46,23 @@ def background(cmd: Sequence[str], log: Path, **kw) -> Iterator[subprocess.Popen
         print(f"--- {log.name} (exit code {proc.poll()}) ---\n{text[-TAIL:]}")
 
 
-def killed_at(point: str, module: str, args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`python -m <module> <args>` SIGKILLed at a named fault point (`workers.runtime.faults`, e.g.
-    'indexcache.step_saved:1'), run from the repository root with its own local Ray; the test fails,
-    showing the output, unless the process died of that SIGKILL."""
-    import os
-    import signal
+def cli(module: str, args: Sequence[str], env: dict[str, str], *, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` run from the repository root with its own local Ray (as a user's
+    driver has; its Ray workers inherit `env`, which a test's in-process Ray would not give them)."""
     import sys
 
-    env = {**os.environ, **env, "CALIBRAY_FAULT": point}
-    env.pop("RAY_ADDRESS", None)  # its own local Ray, as a user's driver has
+    env = {**os.environ, **env}
+    env.pop("RAY_ADDRESS", None)
     root = Path(__file__).resolve().parents[1]
-    p = run([sys.executable, "-m", module, *args], check=False, cwd=root, env=env, timeout=600)
+    return run([sys.executable, "-m", module, *args], check=check, cwd=root, env=env, timeout=600)
+
+
+def killed_at(point: str, module: str, args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`cli(module, args)` SIGKILLed at a named fault point (`workers.runtime.faults`, e.g.
+    'indexcache.step_saved:1'); the test fails, showing the output, unless the process died of that SIGKILL."""
+    import signal
+
+    p = cli(module, args, {**env, "CALIBRAY_FAULT": point}, check=False)
     assert p.returncode == -signal.SIGKILL, output(p)
     return p
 

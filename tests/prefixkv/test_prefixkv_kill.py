@@ -1,6 +1,7 @@
 """The PrefixKV driver SIGKILLed mid-calibration (issue 17): `--resume` skips the samples that reached
-MLflow, computes the rest, and logs the calibration an uninterrupted run logs (`slow`: the CI kill
-test is IndexCache's, tests/indexcache/test_indexcache_kill.py)."""
+MLflow, computes the rest, and logs the calibration an uninterrupted run logs; an actor SIGKILLed after
+calibrating a batch changes nothing (`slow`: the CI kill test is IndexCache's,
+tests/indexcache/test_indexcache_kill.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from pipelines import prefixkv
 from tests.prefixkv.test_prefixkv_pipeline import _args
-from tests.procs import killed_at
+from tests.procs import cli, killed_at
 from workers.prefixkv import artifact
 
 pytestmark = pytest.mark.slow
@@ -30,3 +31,19 @@ def test_driver_killed_after_a_batch_resumes_to_the_uninterrupted_calibration(ra
     assert sorted(done) == [2, 4]  # the first batch was not recomputed
     resumed = artifact.load(f"runs:/{killed.info.run_id}/prefixkv.json").data["scores"]
     assert resumed == artifact.load(f"runs:/{full}/prefixkv.json").data["scores"]
+
+
+def test_an_actor_killed_after_a_batch_changes_nothing(ray_local, mlflow_uri, tiny_checkpoint, tmp_path):
+    """The actor dies after calibrating its first batch, before returning it: Ray restarts it and the
+    batch is calibrated again, so the run ends with the uninterrupted run's scores."""
+    args = _args(tiny_checkpoint, "--workers", "1", "--eval-samples", "0", "--experiment", "prefixkv-actor-kill")
+    marker = tmp_path / "fired"
+    env = {"MLFLOW_TRACKING_URI": mlflow_uri, "CALIBRAY_FAULT": "prefixkv.actor_batch:1"}
+    cli("pipelines.prefixkv", args, {**env, "CALIBRAY_FAULT_ONCE": str(marker)})
+    assert marker.exists()  # the actor reached the point and was SIGKILLed
+    client = mlflow.tracking.MlflowClient(mlflow_uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name("prefixkv-actor-kill").experiment_id])
+    assert killed.info.status == "FINISHED"
+    full = prefixkv.main(args)
+    scores = lambda run: artifact.load(f"runs:/{run}/prefixkv.json").data["scores"]
+    assert scores(killed.info.run_id) == scores(full)

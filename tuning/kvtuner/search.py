@@ -29,6 +29,7 @@ from tuning.kvtuner.space import Pair, equivalent_bits, expand, parse_pair
 METRICS = ["damage", "bits"]
 MODES = ["min", "min"]
 INFEASIBLE_DAMAGE = 1e6
+TRIAL_RETRIES = 2  # Tune reruns a trial whose actor died this many times before it counts as errored
 
 
 def group_key(g: int) -> str:
@@ -219,7 +220,14 @@ def run_search(
                 max_concurrent_trials=max_concurrent,
                 reuse_actors=True,
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=callbacks),
+            # A trial whose actor died is run again (same config): a lost evaluation would change the front.
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                verbose=0,
+                callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+            ),
         )
     grid = tuner.fit()
     rows, seen = [], set()

@@ -79,6 +79,11 @@ class KVWorker:
         return proxy_metrics(self.ref(data), lp, d)
 
     def run(self, job: dict) -> dict:
+        out = self._run(job)
+        faults.point("kvtuner.actor_job")  # the kill tests' actor death: the job done, its result lost
+        return out
+
+    def _run(self, job: dict) -> dict:
         op, data = job["op"], job.get("data", "calib")
         if op == "probe":
             p = parse_pair(job["pair"])
@@ -147,6 +152,7 @@ class KVTrial(tune.Trainable):
     def step(self) -> dict:
         layers = self.spec.layer_map(self.config)
         m = self.worker.proxy(layers, "calib")
+        faults.point("kvtuner.trial_step")  # the kill tests' trial death: evaluated, not yet reported
         return {
             "damage": m["damage"],
             "nll": m["nll"],

@@ -15,6 +15,7 @@ from workers.caches.scoring import ScoreConfig
 from workers.data.retrieval import RetrievalEvalSet
 from workers.prefixkv.calibrate import calibrate_batch
 from workers.prefixkv.evaluate import MethodSpec, eval_nll, eval_retrieval
+from workers.runtime import faults
 
 
 def load_model(address: str, device: str = "cpu", dtype: str | None = None):
@@ -46,6 +47,7 @@ class PrefixKVWorker:
     ) -> dict[int, dict]:
         """tokens [B, N] (samples `indices`) -> {index: per-score solutions}."""
         res = calibrate_batch(self.model, tokens.to(self.device), scores, n_sink, ratios, max_steps)
+        faults.point("prefixkv.actor_batch")  # the kill tests' actor death: calibrated, result lost
         return dict(zip(indices, res))
 
     def nll(self, context, continuation, specs: Sequence[MethodSpec], **kw) -> dict[str, list[float]]:
