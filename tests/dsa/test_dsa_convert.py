@@ -104,6 +104,13 @@ def test_indexcache_searches_the_converted_model(converted, mlflow_uri):
         d = half["distilled"][kind]
         assert d["pattern"] == half[kind]["pattern"] and d["kl_last"] < d["kl_first"]
         assert d["minus_training_free"] != 0.0  # trained indexers change the held-out NLL
+    gap = half["distilled"]["searched_minus_uniform"]
+    assert gap == pytest.approx(
+        half["distilled"]["searched"]["heldout_nll"] - half["distilled"]["uniform"]["heldout_nll"]
+    )
+    assert (
+        run.data.metrics["r0.5/distilled_searched_minus_uniform_se"] == half["distilled"]["searched_minus_uniform_se"]
+    )
     assert "distilled" not in next(e for e in out["retentions"] if e["retention"] == 0.25)
 
 
