@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import mlflow
 import pytest
@@ -137,7 +138,8 @@ def test_stop_and_resume_equals_uninterrupted_and_reports(ray_local, mlflow_uri,
         assert key in metrics
     assert metrics["search/total_layer_forwards"] == metrics["search/analytic_layer_forwards"]
     distilled = resumed["indexcache"]["patterns"]["0.25"]["distilled"]
-    assert set(distilled) == {"searched", "uniform"}
+    assert set(distilled) == {"searched", "uniform", "searched_minus_uniform", "searched_minus_uniform_se"}
+    assert math.isfinite(distilled["searched_minus_uniform"]) and distilled["searched_minus_uniform_se"] >= 0
 
 
 def test_bad_input_fails_before_any_work(tmp_path):
