@@ -232,6 +232,7 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
     from ray import tune
 
     from workers.kvtuner.actors import KVTrial, KVWorker
+    from workers.kvtuner.evaluate import batch_windows
     from workers.kvtuner.results import final_report
 
     quant = cfg.quant()
@@ -240,8 +241,9 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
     metrics: dict[str, float] = {}
 
     datasets = {"calib": calib, "valid": valid, "report": report}
+    batch = batch_windows(cfg.length)
     new_pool = lambda: ActorPool.of(
-        KVWorker, (cfg.model, datasets, quant, 32, cfg.dtype), cfg.actors, num_cpus=cfg.cpus_per_actor
+        KVWorker, (cfg.model, datasets, quant, batch, cfg.dtype), cfg.actors, num_cpus=cfg.cpus_per_actor
     )
 
     # 1. profile and the uniform baselines' calibration proxy (resumable), on one actor pool
@@ -289,7 +291,7 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
         if spec.bits(seed) <= spec.budget and seed not in seeds:
             seeds.append(seed)
     trainable = tune.with_parameters(
-        KVTrial, model_address=cfg.model, data=calib, quant=quant, spec=spec, dtype=cfg.dtype
+        KVTrial, model_address=cfg.model, data=calib, quant=quant, spec=spec, batch_size=batch, dtype=cfg.dtype
     )
     rows, stats = run_search(
         trainable,

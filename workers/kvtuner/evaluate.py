@@ -33,6 +33,14 @@ from workers.eval import (
 )
 
 TASKS = ("text", "retrieval")
+# Tokens per forward. 32 windows of 1088 tokens in one prefill took GBs of attention activations
+# per actor and ran a 24 GiB machine with two actors out of memory (SmolLM2, run 41562189).
+TOKENS_PER_BATCH = 8192
+
+
+def batch_windows(length: int) -> int:
+    """Examples per forward for examples of `length` tokens: 32 up to 256 tokens, 7 at 1088."""
+    return max(1, min(32, TOKENS_PER_BATCH // length))
 
 
 @dataclass
