@@ -319,7 +319,8 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
             for r, f in zip(front, fid):
                 r["fidelity2"], r["fidelity2_se"], r["_f2_per"] = f["value"], f["se"], f["per_example"]
         chosen = _choose(cfg, rows, front)
-        rep = final_report(cfg, chosen, n_layers, head_dim, n_kv_heads, pool, report, work)
+        calib_kl = {parse_pair(r["name"]).name: r["damage"] for r in base_rows}
+        rep = final_report(cfg, chosen, calib_kl, n_layers, head_dim, n_kv_heads, pool, report, work)
     finally:
         pool.close()
     cols = ["map", "bits", "damage", "nll", "exact"] + (["fidelity2", "fidelity2_se"] if cfg.fidelity2 else [])

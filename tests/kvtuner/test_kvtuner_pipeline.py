@@ -68,6 +68,12 @@ def test_pipeline_end_to_end_and_resume(hf_llama, tmp_path, ray_local, mlflow_ur
     for b in ("full", "KV8", "K8V4", "KV4", "K4V2", "KV2", "K2V4", "kvtuner_b3.0", "reversed_b3.0"):
         assert len(by[b]["per_example"]) == 8
     assert by["KV2"]["stored_bits"] < by["KV8"]["stored_bits"] < by["full"]["stored_bits"]
+    # the best uniform map at no more bits is the one with the lowest calibration KL, not held-out NLL
+    calib = {r["name"]: r["damage"] for r in rows["baselines"]}
+    bits = m["chosen_b3.0_bits"]
+    fits = [n for n in calib if by[n]["nominal_bits"] <= bits + 1e-9]
+    (label,) = [c["label"] for c in report["comparisons"] if c["a"] == "kvtuner_b3.0" and "best uniform" in c["label"]]
+    assert label.endswith(f"on calibration ({min(fits, key=calib.get)})")
     # the profile measured something: 2-bit keys and values damage more than 8 bits
     prof = json.loads((work / "profile.json").read_text())
     assert all(row[0] < row[-1] for row in prof["damage"])  # KV8 column < KV2 column

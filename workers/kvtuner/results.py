@@ -2,7 +2,8 @@
 
 For each budget the chosen map is compared (paired over the same held-out examples) with
 full precision, every uniform baseline, uniform K2V4, the same map with its layers reversed,
-and the best uniform map with at most as many bits. Deltas are chosen - other in the task's
+and the best uniform map with at most as many bits, chosen by its calibration proxy (KL to full
+precision on the calibration tokens, as the search scores maps), never by held-out. Deltas are chosen - other in the task's
 unit: exact match (higher is better) or NLL in nats (lower is better). Writes `kv_precision.json`
 (every budget) and `budgets/<b>/kv_precision.json` (workers.kvtuner.artifact), `report.json`, `report.md`.
 """
@@ -23,8 +24,11 @@ def _bits(map_str: str | None) -> float:
     return 16.0 if map_str is None else equivalent_bits([parse_pair(x) for x in map_str.split(",")])
 
 
-def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: int, pool, data, work: Path) -> dict:
-    """chosen {budget: search row with "map"} -> {"metrics", "rows", "comparisons"}; files under work/out*."""
+def final_report(
+    cfg, chosen: dict, calib_kl: dict[str, float], n_layers: int, head_dim: int, n_kv_heads: int, pool, data, work: Path
+) -> dict:
+    """chosen {budget: search row with "map"}, calib_kl {uniform baseline name: calibration KL}
+    -> {"metrics", "rows", "comparisons"}; files under work/out*."""
     from workers.caches.precision import KVQuantConfig
 
     uni = lambda b: ",".join([parse_pair(b).name] * n_layers)
@@ -67,7 +71,6 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
 
     if "KV8" in by_name:
         compare("KV8", "full", "KV8 vs full precision")
-    higher = cfg.task == "retrieval"
     for b, row in chosen.items():
         me = f"kvtuner_b{b}"
         for other in ["full", *[parse_pair(x).name for x in cfg.baselines], "K2V4", f"reversed_b{b}"]:
@@ -75,9 +78,8 @@ def final_report(cfg, chosen: dict, n_layers: int, head_dim: int, n_kv_heads: in
         bits = _bits(row["map"])
         fits = [n for n in {parse_pair(x).name for x in cfg.baselines} if parse_pair(n).bits <= bits + 1e-9]
         if fits:
-            sign = 1 if higher else -1
-            best = max(fits, key=lambda n: sign * by_name[n]["value"])
-            compare(me, best, f"{me} vs best uniform at <= {bits:g} bits ({best})")
+            best = min(fits, key=lambda n: calib_kl[n])
+            compare(me, best, f"{me} vs best uniform at <= {bits:g} bits on calibration ({best})")
 
     out, bdir = work / "out", work / "out_budgets"
     bdir.mkdir(exist_ok=True)
