@@ -73,7 +73,8 @@ def final_report(
         compare("KV8", "full", "KV8 vs full precision")
     for b, row in chosen.items():
         me = f"kvtuner_b{b}"
-        for other in ["full", *[parse_pair(x).name for x in cfg.baselines], "K2V4", f"reversed_b{b}"]:
+        # dict.fromkeys: K2V4 is compared once when it is also one of the baselines
+        for other in dict.fromkeys(["full", *[parse_pair(x).name for x in cfg.baselines], "K2V4", f"reversed_b{b}"]):
             compare(me, other, f"{me} vs {other}")
         bits = _bits(row["map"])
         fits = [n for n in {parse_pair(x).name for x in cfg.baselines} if parse_pair(n).bits <= bits + 1e-9]
