@@ -27,14 +27,14 @@ import json, sys
 from pipelines import train_moe
 from workers.training.config import TrainConfig
 tc = TrainConfig.from_dict(json.loads(sys.argv[1]))
-train_moe.run(tc, experiment=sys.argv[2], storage_uri=sys.argv[3])
+extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+train_moe.run(tc, experiment=sys.argv[2], storage_uri=sys.argv[3], extra=extra)
 """
 
 
-def _driver(tc, experiment: str, storage, log, env: dict[str, str] | None = None):
-    return driver(
-        [sys.executable, "-c", DRIVER, json.dumps(tc.to_dict()), experiment, str(storage)], log, env=env or {}
-    )
+def _driver(tc, experiment: str, storage, log, extra: dict | None = None):
+    args = [sys.executable, "-c", DRIVER, json.dumps(tc.to_dict()), experiment, str(storage)]
+    return driver(args + ([json.dumps(extra)] if extra else []), log)
 
 
 def _checkpoint(storage) -> tuple[str, int] | None:
@@ -82,10 +82,10 @@ def test_worker_killed_mid_run_restarts_from_its_checkpoint(mlflow_uri, tmp_path
     experiment, storage = "test-kill-worker", tmp_path / "storage"
     client = MlflowClient(mlflow_uri)
 
-    # The last rank SIGKILLs itself right after step 8 (a fault point, once): killing it from here once
+    # The last rank dies outright right after step 8 (ray_train.CrashAt, once): killing it from here once
     # step 8 was logged raced the step-12 checkpoint on a loaded machine.
-    env = {"CALIBRAY_FAULT": "train.after_step:8", "CALIBRAY_FAULT_ONCE": str(tmp_path / "killed")}
-    with _driver(tc, experiment, storage, tmp_path / "driver.log", env=env) as proc:
+    extra = {"crash_at_step": 8, "crash_marker": str(tmp_path / "killed")}
+    with _driver(tc, experiment, storage, tmp_path / "driver.log", extra) as proc:
         wait_for(lambda: (tmp_path / "killed").exists(), proc, 300, "the worker killed after step 8")
         on_disk = _checkpoint(storage)
         assert proc.wait(timeout=300) == 0

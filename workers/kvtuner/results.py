@@ -3,8 +3,8 @@
 For each budget the chosen map is compared (paired over the same held-out examples) with
 full precision, every uniform baseline, uniform K2V4, the same map with its layers reversed,
 and the best uniform map with at most as many bits, chosen by its calibration proxy (KL to full
-precision on the calibration tokens, as the search scores maps), never by held-out. Deltas are chosen - other in the task's
-unit: exact match (higher is better) or NLL in nats (lower is better). Writes `kv_precision.json`
+precision on the calibration tokens, as the search scores maps), never by held-out. Deltas are
+chosen - other in the task's unit: exact match (higher is better) or NLL in nats (lower is better). Writes `kv_precision.json`
 (every budget) and `budgets/<b>/kv_precision.json` (workers.kvtuner.artifact), `report.json`, `report.md`.
 """
 

@@ -31,7 +31,6 @@ from workers.model.moe.balancing import max_vio
 from workers.model.moe.distributed import moe_layers
 from workers.model.moe.metrics import MaxVioTracker, straggler_ratio
 from workers.model.transformer import CalibLM
-from workers.runtime import faults
 from workers.training import train_state
 from workers.training.batches import weighted_batch
 from workers.training.config import TrainConfig
@@ -173,10 +172,6 @@ def checkpoint_and_faults(config: dict, tc, model, opt, par, tracker, rank: int,
     """The last hooks of every training loop: the Checkpointer, and the fault injection ``config`` asks for
     ("crash_at_step" with "crash_marker", "crash_delay_s")."""
     hooks = [Checkpointer(tc, model, opt, par, tracker, rank, world)]
-    if rank == world - 1:
-        # `CALIBRAY_FAULT=train.after_step:<n>` (+ CALIBRAY_FAULT_ONCE) kills this worker after step n,
-        # exactly: a kill test polling for "step n logged" from outside raced the next checkpoint.
-        hooks.append(lambda r: faults.point("train.after_step"))
     if config.get("crash_at_step") is not None and rank == world - 1:
         delay = float(config.get("crash_delay_s", CrashAt.delay_s))
         hooks.append(CrashAt(config["crash_at_step"], Path(config["crash_marker"]), delay))
