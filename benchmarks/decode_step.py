@@ -7,6 +7,7 @@ alternate the arms step by step, so a load change on the shared machine hits all
 
     python -m benchmarks.decode_step                                  # context 2048, batch 1 and 4
     python -m benchmarks.decode_step --context 512 2048 --batch 1 --steps 8
+    python -m benchmarks.decode_step --kv-precision kv_precision.json --kv-budget 3.25 --maps searched
 """
 
 from __future__ import annotations
@@ -52,14 +53,37 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="requests decoded together")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per arm (median reported)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: one per CPU core)")
+    p.add_argument("--kv-precision", default=None, help="a kv_precision.json (or run id): adds its map as 'searched'")
+    p.add_argument("--kv-budget", type=float, default=None, help="which map of --kv-precision, in equivalent bits")
+    p.add_argument("--maps", nargs="+", default=list(MAPS), help=f"maps to time: of {MAPS} and 'searched'")
     args = p.parse_args()
+    bad = [m for m in args.maps if m not in (*MAPS, "searched")] or (
+        ["searched"] if "searched" in args.maps and args.kv_precision is None else []
+    )
+    if bad:
+        p.error(f"--maps {bad[0]!r}: one of {MAPS}, or 'searched' with --kv-precision")
     if min(args.context) < 160 or min(args.batch) < 1 or args.steps < 1:
         p.error(
             f"--context must be >= 160 (R + G), --batch and --steps >= 1; got {args.context}/{args.batch}/{args.steps}"
         )
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+    searched = None
+    if "searched" in args.maps:  # read before the model loads: a bad file fails at once
+        from workers.kvtuner.artifact import load_config
+
+        try:
+            searched = load_config(args.kv_precision, args.kv_budget)  # with its own G, R and mode
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"--kv-precision {args.kv_precision}: {e}")
     model = load_hf(args.model)
     n = model.cfg.n_layers
+    configs = {m: KVQuantConfig.uniform(m, n, mode="kivi", group=32, residual=128) for m in args.maps if m in MAPS}
+    if searched is not None:
+        try:
+            searched.check_model(n)
+        except ValueError as e:
+            p.error(f"--kv-precision {args.kv_precision}: {e}")
+        configs["searched"] = searched
     fast = has_fast_path(torch.zeros(1))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; compiled decode kernel: {fast}\n")  # fmt: skip
@@ -68,8 +92,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for context in args.context:
         for batch in args.batch:
-            for name in MAPS:
-                qc = KVQuantConfig.uniform(name, n, mode="kivi", group=32, residual=128)
+            for name, qc in configs.items():
                 arms = {
                     "full": (_prefilled(model, lambda: DynamicCache(n), context, batch, 0), None),
                     "codes": (_prefilled(model, lambda qc=qc: make_cache(qc, n, "packed"), context, batch, 0), None),

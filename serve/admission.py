@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.caches.protocol import observer_for
+
 
 @dataclass(frozen=True)
 class KVShape:
@@ -80,7 +82,7 @@ class KVReservations:
         then the observer hook with this forward's queries (for caches that score keys)."""
         s = self.shape
         pos = torch.arange(start, start + t)[None]  # [1, t]
-        observe = getattr(cache, "observe", None)
+        observe = observer_for(cache)
         for layer in range(s.n_layers):
             k, v, q = (torch.randn(1, t, s.n_kv_heads, s.head_dim, generator=g).to(s.dtype) for _ in range(3))
             idx = torch.randn(1, t, s.indexer_dim, generator=g).to(s.dtype) if s.indexer_dim else None

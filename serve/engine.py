@@ -32,6 +32,7 @@ import torch
 from serve.sampling import Choice, SamplingParams, choose, make_generator, top_logprobs
 from serve.textstream import TextStream
 from workers.caches.batch import BatchCache
+from workers.caches.protocol import observer_for
 
 
 @dataclass(frozen=True)
@@ -290,10 +291,9 @@ class Engine:
         return [self._sample(s, logits[b, -1]) for b, s in enumerate(seqs)]
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        # Caches that score keys (eviction) watch attention through the model's observer hook.
-        inner = cache.caches[0] if isinstance(cache, BatchCache) else cache
-        observer = cache.observe if hasattr(inner, "observe") else None
-        out = self.model(ids, positions=pos, cache=cache, pattern=self.pattern, observer=observer)
+        # Caches that score keys (eviction) watch attention through the model's observer hook; the
+        # others get none, so a packed cache's decode attends its codes.
+        out = self.model(ids, positions=pos, cache=cache, pattern=self.pattern, observer=observer_for(cache))
         return out.logits if hasattr(out, "logits") else out
 
     def _sample(self, seq: _Seq, logits: torch.Tensor) -> Choice:

@@ -151,3 +151,34 @@ def test_hf_model_is_served_with_the_same_engine(tiny_dense_trained, tmp_path):
         assert toks == offline_greedy(model, r.prompt_ids, 6)
     # The composed cache plugs into HF models through the same protocol.
     assert len(run_all(make_engine(model, lambda: ComposedCache(s)), reqs)[0][0]) == 6
+
+
+def test_quantize_only_caches_decode_over_their_codes(tiny_dense_trained, monkeypatch):
+    """An observer makes attention read a packed view's keys as tensors (dequantizing every held
+    token each step), so the engine passes one only to caches that evict: a quantize-only composed
+    cache's decode steps attend the codes (PackedKVView.fused_attend answers), alone and batched;
+    with eviction as well, the observer is given and the codes are not attended."""
+    from workers.caches.packed_view import PackedKVView
+
+    fused = []
+    original = PackedKVView.fused_attend
+
+    def counting(self, q, q_pos, scale=None):
+        out = original(self, q, q_pos, scale)
+        fused.append(out is not None)
+        return out
+
+    monkeypatch.setattr(PackedKVView, "fused_attend", counting)
+    model = tiny_dense_trained[1]  # dense attention: a DSA layer's sparse path never reads codes
+    L = model.cfg.n_layers
+    quant = ComposedSpec(L, k_bits=(4,) * L, v_bits=(2,) * L, group=4, residual=4)
+    reqs = [GenRequest(list((p * 3).encode()), 6, GREEDY) for p in PROMPTS]
+    for batch in (1, 8):
+        fused.clear()
+        results = run_all(make_engine(model, lambda: ComposedCache(quant), batch=batch), reqs)
+        assert [done["finish_reason"] for _, _, done in results] == ["length"] * len(reqs)
+        assert sum(fused) >= L, f"batch {batch}: decode never attended the codes ({len(fused)} calls)"
+    both = ComposedSpec(L, k_bits=(4,) * L, v_bits=(2,) * L, group=4, residual=4, fractions=(0.5,) * L, keep_ratio=0.5)
+    fused.clear()
+    run_all(make_engine(model, lambda: ComposedCache(both)), reqs)
+    assert not any(fused)

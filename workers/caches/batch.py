@@ -18,7 +18,7 @@ from functools import cached_property
 import torch
 
 from kernels.decode_attention import decode_attention_dense, has_fast_path
-from workers.caches.protocol import KVView
+from workers.caches.protocol import KVView, observer_for
 
 
 def _pad(t: torch.Tensor, length: int, value: float | int) -> torch.Tensor:
@@ -102,6 +102,10 @@ class BatchCache:
         if any(hasattr(view, "fused_attend") for view in views):
             return _RowsView(views)
         return _stacked(views)
+
+    @property
+    def observes(self) -> bool:
+        return any(observer_for(c) is not None for c in self.caches)
 
     def observe(self, layer, q, k, q_pos, k_pos) -> None:
         """Observer hook: hand each row (its keys without padding) to its own cache's observe."""

@@ -183,6 +183,11 @@ class ComposedCache:
         self._flush(layer)
         return self._view(layer, k.dtype)
 
+    @property
+    def observes(self) -> bool:
+        """Whether forwards must call observe (workers.caches.protocol.observer_for): only to evict."""
+        return self.spec.evicts
+
     def observe(self, layer, q, k, q_pos, k_pos) -> None:
         """Observer hook: q [B, T, H, Dh]; k [B, S, Hkv, Dh] and k_pos [B, S] are this layer's view."""
         if not self.spec.evicts:

@@ -43,6 +43,18 @@ def appended(old: KVView | None, k, v, pos, idx_k=None) -> KVView:
     )
 
 
+def observer_for(cache):
+    """The observer hook to give a forward over `cache` (``model(..., observer=...)``), or None.
+
+    A cache that scores keys by the attention they receive (eviction) defines ``observe``; one that
+    may or may not, depending on its settings (ComposedCache, BatchCache), also says whether it does
+    (``observes``). Giving no observer where none is needed matters: with one, attention reads the
+    view's keys as tensors, so a packed cache is dequantized every step instead of attending its
+    codes (workers.caches.packed_view)."""
+    observe = getattr(cache, "observe", None)
+    return observe if observe is not None and getattr(cache, "observes", True) else None
+
+
 class KVCacheProtocol(Protocol):
     def update(
         self,
