@@ -52,6 +52,7 @@ def _batches(n: int, size: int):
         yield slice(i, min(i + size, n))
 
 
+@torch.no_grad()
 def _hf_prefill(hf, ctx: torch.Tensor):
     """transformers' full-precision prefill of ctx[:, :-1]: per layer (keys, values) [N, Hkv, C-1, Dh]."""
     from transformers import DynamicCache
@@ -134,6 +135,7 @@ def _ci(d: float, se: float) -> str:
     return f"{d:+.4f} ± {se:.4f} [{d - 1.96 * se:+.4f}, {d + 1.96 * se:+.4f}]"
 
 
+@torch.no_grad()  # else transformers' prefill keeps its autograd graph alive through the cache (18 GB)
 def compare(work: Path, windows: int | None, greedy_n: int, greedy_tokens: int, batch: int) -> dict:
     from transformers import AutoModelForCausalLM
 
