@@ -108,10 +108,11 @@ def decode_times(cfg: KVQuantConfig, S: int, H: int, D: int, reps: int) -> dict:
     }
 
 
-def _tensor_bytes(t) -> int:
+def tensor_bytes(t) -> int:
+    """Bytes of a tensor, or of a quanto packed tensor's parts (data, scale, shift)."""
     if hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
 
 
@@ -175,7 +176,7 @@ def vs_quantized_cache(model: str, searched: KVQuantConfig | None, n: int, lengt
         qbytes = 0
         for layer in qc.layers:
             for t in (layer._quantized_keys, layer._quantized_values, layer.keys, layer.values):
-                qbytes += _tensor_bytes(t) if t is not None else 0
+                qbytes += tensor_bytes(t) if t is not None else 0
         se = float(nll.std() / len(nll) ** 0.5)
         rows.append(
             {

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.kvtuner import tensor_bytes
 from workers.runtime import tracking
 
 KIVI_PAPER = {"mode": "kivi", "group": 32, "residual": 128}  # KIVI's own setting (Liu et al. 2024)
@@ -73,21 +74,11 @@ def _hf_cache(hf, kv, nbits: int | None):
     return c
 
 
-def _tensor_bytes(t) -> int:
-    if t is None:
-        return 0
-    if hasattr(t, "__tensor_flatten__"):  # quanto's packed tensors: data, scale, shift
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
 def _quanto_bytes(cache) -> int:
-    return sum(
-        _tensor_bytes(getattr(layer, name, None))
-        for layer in cache.layers
-        for name in ("_quantized_keys", "_quantized_values", "keys", "values")
-    )
+    """What a QuantizedCache holds: its packed keys and values and its full-precision residual."""
+    parts = ("_quantized_keys", "_quantized_values", "keys", "values")
+    held = (getattr(layer, name, None) for layer in cache.layers for name in parts)
+    return sum(tensor_bytes(t) for t in held if t is not None)
 
 
 @torch.no_grad()
