@@ -4,7 +4,11 @@
 
 Reads each run's `train_loss` history from MLflow (rank 0 logs it every `log_every` steps) and
 prints a markdown table: layout, final train loss (mean of the last five logged values) and
-held-out bits/byte. Nothing is written to MLflow.
+held-out bits/byte. `--paired` also loads each run's logged model and scores them all on the
+same held-out windows (the first run's corpus, sequence length and window count), printing each
+run's bits/byte minus the first run's, paired window by window, with its SE: one seed's held-out
+numbers differ by less than their unpaired SEs, so only the paired difference separates them.
+Nothing is written to MLflow.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", required=True, help="comma-separated MLflow run ids of train_moe runs")
     p.add_argument("--out", default="artifacts/moe_curves.png", help="where to write the plot (PNG)")
     p.add_argument("--title", default="train loss per step, same seed", help="plot title")
+    p.add_argument("--paired", action="store_true", help="score every run's model on the same held-out windows")
     args = p.parse_args(argv)
     ids = [r.strip() for r in args.runs.split(",") if r.strip()]
     if not ids:
@@ -70,7 +75,42 @@ def main(argv: list[str] | None = None) -> int:
     plt.close(fig)
     print(markdown_table(rows, ["run", "layout", "final train loss", "held-out bits/byte"]))
     print(f"\nplot: {out}")
+    if args.paired:
+        print("\n" + paired_heldout(client, ids))
     return 0
+
+
+def paired_heldout(client: MlflowClient, ids: list[str]) -> str:
+    """Markdown: each run's held-out bits/byte and its paired difference from the first run's."""
+    import math
+
+    import torch
+
+    from workers.data.corpus import load_corpus
+    from workers.eval import heldout_nll
+    from workers.model.hf.address import load_any
+    from workers.stats import paired_difference
+
+    first = client.get_run(ids[0]).data.params
+    length, n = int(first["train.seq_len"]), int(first["train.eval_windows"])
+    windows = load_corpus(first["train.corpus"]).eval_windows("heldout", length, n)
+    to_bits = 1 / math.log(2)  # byte-level models: nats per byte -> bits per byte
+    per = {}
+    with torch.no_grad():
+        for rid in ids:
+            per[rid] = heldout_nll(load_any(f"runs:/{rid}/model"), windows).per_example
+    rows = []
+    for rid in ids:
+        d, se = paired_difference(per[rid], per[ids[0]])
+        rows.append(
+            {
+                "run": rid,
+                "held-out bits/byte": f"{to_bits * sum(per[rid]) / len(per[rid]):.4f}",
+                f"minus {ids[0][:8]}": f"{to_bits * d:+.4f} +- {to_bits * se:.4f}",
+            }
+        )
+    head = f"Paired over the same {windows.shape[0]} held-out windows of {length} bytes ({first['train.corpus']}):\n\n"
+    return head + markdown_table(rows, ["run", "held-out bits/byte", f"minus {ids[0][:8]}"])
 
 
 if __name__ == "__main__":
