@@ -57,11 +57,11 @@ def main() -> None:
     p.add_argument("--kv-budget", type=float, default=None, help="which map of --kv-precision, in equivalent bits")
     p.add_argument("--maps", nargs="+", default=list(MAPS), help=f"maps to time: of {MAPS} and 'searched'")
     args = p.parse_args()
-    bad = [m for m in args.maps if m not in (*MAPS, "searched")] or (
-        ["searched"] if "searched" in args.maps and args.kv_precision is None else []
-    )
-    if bad:
-        p.error(f"--maps {bad[0]!r}: one of {MAPS}, or 'searched' with --kv-precision")
+    unknown = [m for m in args.maps if m not in (*MAPS, "searched")]
+    if unknown:
+        p.error(f"--maps {unknown[0]!r}: one of {MAPS} or 'searched'")
+    if "searched" in args.maps and args.kv_precision is None:
+        p.error("--maps searched: needs --kv-precision")
     if min(args.context) < 160 or min(args.batch) < 1 or args.steps < 1:
         p.error(
             f"--context must be >= 160 (R + G), --batch and --steps >= 1; got {args.context}/{args.batch}/{args.steps}"

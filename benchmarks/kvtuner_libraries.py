@@ -53,7 +53,6 @@ def _batches(n: int, size: int):
         yield slice(i, min(i + size, n))
 
 
-@torch.no_grad()
 def _hf_prefill(hf, ctx: torch.Tensor):
     """transformers' full-precision prefill of ctx[:, :-1]: per layer (keys, values) [N, Hkv, C-1, Dh]."""
     from transformers import DynamicCache
@@ -81,7 +80,6 @@ def _quanto_bytes(cache) -> int:
     return sum(tensor_bytes(t) for t in held if t is not None)
 
 
-@torch.no_grad()
 def _hf_nll(hf, ctx, y, cache) -> torch.Tensor:
     """Per-window NLL [N] of y, teacher-forced through cache after ctx[:, :-1] (as workers.eval does)."""
     from workers.eval import token_nll
@@ -90,7 +88,6 @@ def _hf_nll(hf, ctx, y, cache) -> torch.Tensor:
     return token_nll(hf(input_ids=feed, cache=cache, use_cache=True).logits, y).mean(1)
 
 
-@torch.no_grad()
 def _hf_greedy(hf, ctx, cache, steps: int) -> torch.Tensor:
     tok, out = ctx[:, -1:], []
     for _ in range(steps):
@@ -99,7 +96,6 @@ def _hf_greedy(hf, ctx, cache, steps: int) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
-@torch.no_grad()
 def _ours_greedy(model, ctx, cache, prefilled, steps: int) -> torch.Tensor:
     for layer, kv in enumerate(prefilled):
         cache.update(layer, kv.k, kv.v, kv.pos, kv.idx_k)
@@ -126,7 +122,7 @@ def _ci(d: float, se: float) -> str:
     return f"{d:+.4f} ± {se:.4f} [{d - 1.96 * se:+.4f}, {d + 1.96 * se:+.4f}]"
 
 
-@torch.no_grad()  # else transformers' prefill keeps its autograd graph alive through the cache (18 GB)
+@torch.no_grad()  # every forward below: else transformers' prefill keeps its graph alive through the cache (18 GB)
 def compare(work: Path, windows: int | None, greedy_n: int, greedy_tokens: int, batch: int) -> dict:
     from transformers import AutoModelForCausalLM
 
