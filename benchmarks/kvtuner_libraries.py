@@ -41,11 +41,28 @@ QUANTO = {"q_group_size": 64, "residual_length": 128}  # QuantizedCache's defaul
 AGREE_TOL = 1e-4  # nats, per window: both environments must score the full cache alike
 
 
-def _run_params(work: Path) -> tuple[str, dict]:
+def run_params(work: Path) -> tuple[str, dict]:
     run_id = (work / "run_id").read_text().strip()
     import mlflow
 
     return run_id, mlflow.get_run(run_id).data.params
+
+
+def run_maps(rows: dict, params: dict) -> dict:
+    """{report row name: KVQuantConfig (None for full)}: every map a text run reported, at its
+    quantizer settings (mode, G, R, prefill regime)."""
+    from tuning.kvtuner.space import parse_pair
+    from workers.caches.precision import KVQuantConfig
+
+    L = int(params["n_layers"])
+    quant = {"mode": params["mode"], "group": int(params["group"]), "residual": int(params["residual"])}
+    quant["prefill"] = params["prefill"]
+    out = {}
+    for name, r in rows.items():
+        m = r["map"]  # the report's display form: one pair (uniform) or L pairs joined by "-"
+        pairs = m.split("-") if "-" in m else [m] * L
+        out[name] = None if name == "full" else KVQuantConfig(tuple(parse_pair(x) for x in pairs), **quant)
+    return out
 
 
 def _batches(n: int, size: int):
@@ -53,7 +70,7 @@ def _batches(n: int, size: int):
         yield slice(i, min(i + size, n))
 
 
-def _hf_prefill(hf, ctx: torch.Tensor):
+def hf_prefill(hf, ctx: torch.Tensor):
     """transformers' full-precision prefill of ctx[:, :-1]: per layer (keys, values) [N, Hkv, C-1, Dh]."""
     from transformers import DynamicCache
 
@@ -62,7 +79,7 @@ def _hf_prefill(hf, ctx: torch.Tensor):
     return [(layer.keys, layer.values) for layer in dc.layers]
 
 
-def _hf_cache(hf, kv, nbits: int | None):
+def hf_cache(hf, kv, nbits: int | None):
     """A fresh transformers cache holding the prefill kv: DynamicCache (nbits None) or QuantizedCache."""
     from transformers import DynamicCache
     from transformers.cache_utils import QuantizedCache
@@ -126,7 +143,6 @@ def _ci(d: float, se: float) -> str:
 def compare(work: Path, windows: int | None, greedy_n: int, greedy_tokens: int, batch: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from tuning.kvtuner.space import parse_pair
     from workers.caches.precision import KVQuantConfig
     from workers.caches.protocol import KVView
     from workers.data.corpus import load_corpus
@@ -135,7 +151,7 @@ def compare(work: Path, windows: int | None, greedy_n: int, greedy_tokens: int, 
     from workers.model.hf.address import load_any, load_tokenizer, local_dir
     from workers.stats import paired_difference
 
-    run_id, p = _run_params(work)
+    run_id, p = run_params(work)
     if p["task"] != "text":
         raise SystemExit(f"--work-dir {work}: run {run_id} is a {p['task']!r} run; this compares text runs")
     report = json.loads((work / "out" / "report.json").read_text())
@@ -159,12 +175,7 @@ def compare(work: Path, windows: int | None, greedy_n: int, greedy_tokens: int, 
     N = n_all if windows is None else min(windows, n_all)  # a fixed prefix: the same windows every time
     ours = load_any(model_addr, dtype=p.get("dtype") if p.get("dtype") not in (None, "None") else None)
     hf = AutoModelForCausalLM.from_pretrained(local_dir(model_addr), dtype=torch.float32).eval()
-    run_quant = {"mode": p["mode"], "group": int(p["group"]), "residual": int(p["residual"]), "prefill": p["prefill"]}
-
-    def mapped(name: str) -> KVQuantConfig:
-        m = rows[name]["map"]  # the report's display form: one pair (uniform) or L pairs joined by "-"
-        pairs = m.split("-") if "-" in m else [m] * L
-        return KVQuantConfig(tuple(parse_pair(x) for x in pairs), **run_quant)
+    maps = run_maps(rows, p)
 
     ours_nll = {
         "full": None,
@@ -172,7 +183,7 @@ def compare(work: Path, windows: int | None, greedy_n: int, greedy_tokens: int, 
         "KIVI-2 (G32 R128)": KVQuantConfig.uniform("KV2", L, **KIVI_PAPER),
     }
     searched = sorted((n for n in rows if n.startswith("kvtuner_b")), key=lambda n: -float(n[9:]))
-    greedy_ours = {**ours_nll, **{n: mapped(n) for n in [*searched, "KV4", "K4V2", "KV2"] if n in rows}}
+    greedy_ours = {**ours_nll, **{n: maps[n] for n in [*searched, "KV4", "K4V2", "KV2"] if n in rows}}
     hf_arms = {"transformers full": None, "quanto 4-bit (G64 R128)": 4, "quanto 2-bit (G64 R128)": 2}
     per = {n: [] for n in [*ours_nll, *hf_arms]}
     nbytes: dict[str, int] = {}
@@ -190,15 +201,15 @@ def compare(work: Path, windows: int | None, greedy_n: int, greedy_tokens: int, 
             for name, cfg in greedy_ours.items():
                 gen[name].append(_ours_greedy(ours, ctx[g], cache_factory(cfg, L)(), pre_g, greedy_tokens))
         del pre
-        kv = _hf_prefill(hf, ctx)
+        kv = hf_prefill(hf, ctx)
         for name, nbits in hf_arms.items():
-            cache = _hf_cache(hf, kv, nbits)
+            cache = hf_cache(hf, kv, nbits)
             per[name] += _hf_nll(hf, ctx, y, cache).tolist()
             if nbits is not None:
                 nbytes[name] = _quanto_bytes(cache) // len(ctx)
             if g.stop > 0:
                 kv_g = [(k[g], v[g]) for k, v in kv]
-                gen[name].append(_hf_greedy(hf, ctx[g], _hf_cache(hf, kv_g, nbits), greedy_tokens))
+                gen[name].append(_hf_greedy(hf, ctx[g], hf_cache(hf, kv_g, nbits), greedy_tokens))
         print(f"windows {sl.stop}/{N}", file=sys.stderr, flush=True)
     rows = {n: {**r, "per_example": r["per_example"][:N]} for n, r in rows.items()}
     full_run = rows["full"]["per_example"]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.caches.protocol import DynamicCache, KVView
+from workers.caches.scoring import ScoreConfig, received
 from workers.data.retrieval import RetrievalEvalSet
 from workers.stats import mean_se
 
@@ -107,6 +108,43 @@ def prefill_kv(model, context: torch.Tensor, **forward_kwargs) -> list[KVView]:
     return list(cache.layers)
 
 
+@dataclass(frozen=True)
+class ScoredPrefill:
+    """One prefill shared by evicting caches as well: the full-precision keys and values [L] and,
+    per layer, the attention its scoring queries gave each key (received [L] of [B, S] fp32,
+    ``workers.caches.scoring.received`` under ``score``)."""
+
+    kv: list[KVView]
+    received: list[torch.Tensor]
+    score: ScoreConfig
+
+
+@torch.no_grad()
+def prefill_scored(model, context: torch.Tensor, score: ScoreConfig, **forward_kwargs) -> ScoredPrefill:
+    """``prefill_kv`` that also records what an evicting cache scoring by ``score`` would add up
+    during that forward (the same queries and keys), so its eviction can be replayed per budget."""
+    got: list[torch.Tensor | None] = [None] * model.cfg.n_layers
+
+    def tap(layer, q, k, q_pos, k_pos) -> None:
+        got[layer] = received(score, q, k, q_pos, k_pos)
+
+    kv = prefill_kv(model, context, observer=tap if score.uses_attention else None, **forward_kwargs)
+    return ScoredPrefill(kv, got, score)
+
+
+def _fill(cache, prefilled: list[KVView] | ScoredPrefill) -> None:
+    """Write a shared prefill into a fresh cache: evicting caches replay their eviction from the
+    recorded scores (``load_prefill``), every other cache stores the keys and values."""
+    scored = isinstance(prefilled, ScoredPrefill)
+    for layer, kv in enumerate(prefilled.kv if scored else prefilled):
+        if hasattr(cache, "load_prefill"):
+            if not scored:
+                raise ValueError(f"{type(cache).__name__} evicts at prefill: share a ScoredPrefill (prefill_scored)")
+            cache.load_prefill(layer, kv, prefilled.received[layer], prefilled.score)
+        else:
+            cache.update(layer, kv.k, kv.v, kv.pos, kv.idx_k)
+
+
 @torch.no_grad()
 def continuation_logits(
     model,
@@ -115,7 +153,7 @@ def continuation_logits(
     *,
     make_cache: CacheFactory,
     after_prefill: AfterPrefill | None = None,
-    prefilled: list[KVView] | None = None,
+    prefilled: list[KVView] | ScoredPrefill | None = None,
     **forward_kwargs,
 ) -> torch.Tensor:
     """Logits for each continuation token, predicted through the (transformed) cache.
@@ -128,16 +166,17 @@ def continuation_logits(
     ``prefilled`` (``prefill_kv`` of this context) writes those keys and values into the cache
     instead of running the prefill: the same cache contents, bit for bit, whenever the prefill
     attends to its own tokens at full precision (quantized caches with prefill="full"), since
-    every layer's input is then the full-precision model's. Not for caches that act on the
-    prefill's attention (eviction) or attend quantized values during it.
+    every layer's input is then the full-precision model's. Evicting caches need a
+    ``ScoredPrefill`` (``prefill_scored``): eviction never changes the prefill's own attention,
+    so replaying it from the recorded scores leaves the same cache. Not for caches that attend
+    quantized values during the prefill.
     """
     model.eval()
     cache = make_cache()
     if prefilled is None:
         model(context[:, :-1], cache=cache, **forward_kwargs)
     else:
-        for layer, kv in enumerate(prefilled):
-            cache.update(layer, kv.k, kv.v, kv.pos, kv.idx_k)
+        _fill(cache, prefilled)
     if after_prefill is not None:
         after_prefill(cache, context)
     C = context.shape[1]

@@ -226,3 +226,30 @@ def test_random_scores_exist_for_deep_models_and_keep_their_values():
     h = pos.long() * 6364136223846793005 + 3 * 1442695040888963407  # the original formula (seed 0)
     h = (h ^ (h >> 29)) * 0x5851F42D4C957F2D
     assert torch.equal(scores[3], ((h >> 33) & 0xFFFFFF).float() / float(0xFFFFFF))
+
+
+@pytest.mark.parametrize("which", ["model", "sparse_model"])
+def test_one_scored_prefill_replays_every_budgets_eviction(which, tokens, request):
+    """Evicting caches filled from one shared prefill (prefill_scored) keep the same tokens and
+    give the same logits as each running its own prefill with its observer; without the scores
+    the shared prefill is refused for an evicting cache."""
+    from workers.eval import prefill_scored
+
+    m = request.getfixturevalue(which)
+    ctx, y = tokens[:, :80], tokens[:, 80:]
+    score = ScoreConfig("window", window=8)
+    shared = prefill_scored(m, ctx, score)
+    fractions = {"prefixkv": {0.3: [0.6, 0.2, 0.2, 0.2]}}
+    for name, ratio in [("uniform", 0.3), ("pyramid", 0.5), ("prefixkv", 0.3), ("recency", 0.3)]:
+        own, replayed = (Method(name, ratio, L, score, 4, fractions["prefixkv"]) for _ in range(2))
+        a = continuation_logits(m, ctx, y, **own.forward_kwargs())
+        b = continuation_logits(m, ctx, y, prefilled=shared, **replayed.forward_kwargs())
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        for layer in range(L):
+            assert torch.equal(replayed.cache.positions(layer), own.cache.positions(layer))
+        assert replayed.cache.kept(1) < 80  # it did evict
+    with pytest.raises(ValueError, match="ScoredPrefill"):
+        continuation_logits(m, ctx, y, prefilled=shared.kv, **Method("uniform", 0.3, L, score, 4).forward_kwargs())
+    other = Method("uniform", 0.3, L, ScoreConfig("window", window=4), 4)
+    with pytest.raises(ValueError, match="scored by"):
+        continuation_logits(m, ctx, y, prefilled=shared, **other.forward_kwargs())

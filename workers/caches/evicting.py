@@ -93,14 +93,31 @@ class EvictingCache:
 
     def observe(self, layer, q, k, q_pos, k_pos) -> None:
         """Observer hook: q [B, T, H, Dh], k [B, S, Hkv, Dh] (this layer's view), positions."""
-        n_new = self.pending[layer]
-        if n_new == 0:
+        if self.pending[layer] == 0:
             raise RuntimeError(f"EvictingCache.observe(layer={layer}) without a preceding update")
         view = self.layers[layer]
         if k.shape[1] != view.k.shape[1]:
             raise RuntimeError(f"layer {layer}: observer saw {k.shape[1]} keys, the cache holds {view.k.shape[1]}")
-        if self.score.uses_attention:
-            self.scores[layer] = self.scores[layer] + received(self.score, q, k, q_pos, k_pos)
+        self._observed(layer, received(self.score, q, k, q_pos, k_pos) if self.score.uses_attention else None)
+
+    def load_prefill(self, layer: int, kv: KVView, got: torch.Tensor | None, score: ScoreConfig) -> None:
+        """Fill a fresh layer from a prefill run elsewhere: the state `update` + `observe` leave
+        after that prefill forward, bit for bit. kv: the layer's full-precision keys and values
+        [B, S, ...]; got [B, S]: the attention the forward's scoring queries gave each key
+        (`scoring.received` under `score`; None for position scorers). Evicting caches never
+        change the prefill's own attention, so one prefill serves every budget (workers.eval)."""
+        if self.seen[layer] or self.pending[layer]:
+            raise RuntimeError(f"EvictingCache.load_prefill(layer={layer}) on a layer that already holds tokens")
+        if self.score.uses_attention and (got is None or score != self.score):
+            raise ValueError(f"layer {layer}: the prefill was scored by {score}, this cache scores by {self.score}")
+        self.update(layer, kv.k, kv.v, kv.pos, kv.idx_k)
+        self._observed(layer, got if self.score.uses_attention else None)
+
+    def _observed(self, layer: int, got: torch.Tensor | None) -> None:
+        """The new tokens of `layer` were attended (got [B, S]: attention they received, or None): evict."""
+        n_new = self.pending[layer]
+        if got is not None:
+            self.scores[layer] = self.scores[layer] + got
         first = self.seen[layer] == 0
         self.seen[layer] += n_new
         self.pending[layer] = 0
@@ -111,7 +128,7 @@ class EvictingCache:
             frac = self.counts[layer] / self.prefill_len
             floor = n_protected(self.seen[layer], min(self.n_sink, self.seen[layer]))
             target = max(floor, int(np.floor(frac * self.seen[layer] + 0.5)))
-        if view.k.shape[1] > target:
+        if self.layers[layer].k.shape[1] > target:
             self._evict(layer, target)
 
     def length(self, layer: int) -> int:

@@ -1,0 +1,285 @@
+"""Calibrated KV caches on natural-language retrieval: a KVTuner run's maps and a PrefixKV run's budgets, one prefill.
+
+    python -m benchmarks.kv_retrieval --kvtuner <text run's --work-dir> --prefixkv <prefixkv.json | runs:/<id>/prefixkv.json> \\
+        --work-dir <dir> [--lengths 512 1024 2048] [--calib-n 64] [--n 500] [--ratios 0.2 0.5]
+
+The task (issue 15 item 3b): ``#key=value;`` records in real filler text (the ``pydoc`` corpus by
+default: the interpreter's documentation, prose), queried at the end by ``?key=``, in the model's own
+tokens (workers.data.retrieval). Exact match = every value token right under argmax.
+
+1. The length, before any method runs: the full cache's exact match on ``--calib-n`` queries of the
+   calib split at each of ``--lengths``; the longest at >= ``--min-em`` (0.8) is used. Kept in the
+   work dir, so a resumed run uses the same length.
+2. ``--n`` held-out queries at that length (heldout split, another seed). Per batch, one full-precision
+   prefill (``workers.eval.prefill_scored``, which also records the PrefixKV run's token scores),
+   shared by every arm:
+   - the full cache;
+   - every map the KVTuner run reported (searched maps, reversed ablations, uniform KV8 ... KV2) at
+     that run's quantizer settings, and KIVI-4 / KIVI-2 at the KIVI paper's G32 R128;
+   - at each ``--ratios``: the PrefixKV budgets, the uniform budget and pyramid (all with the
+     PrefixKV run's token scoring) and recency.
+   On the first ``--external-n`` queries also transformers' ``QuantizedCache`` (quanto, 4 and 2
+   bits, its defaults), on the transformers model, from its own full-precision prefill.
+3. Exact match per arm with its binomial SE, paired differences (95% CI) against the full cache, and
+   PrefixKV against the uniform budget at each ratio; MLflow run (pipeline kv_retrieval) with the
+   per-query hits as an artifact, markdown printed.
+
+Resumable: finished batches are kept in ``--work-dir`` (``batches.jsonl``) and a rerun with the same
+work dir resumes the same MLflow run from the next batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from workers.runtime import tracking
+
+KIVI_PAPER = {"mode": "kivi", "group": 32, "residual": 128}  # KIVI's own setting (Liu et al. 2024)
+BUDGET_ARMS = ("prefixkv", "uniform", "pyramid", "recency")
+
+
+def choose_length(model, tok, filler: bytes, lengths, n: int, seed: int, min_em: float, batch: int) -> tuple[int, dict]:
+    """The longest of ``lengths`` where the full cache's exact match on n calib queries is >= min_em."""
+    from workers.caches.protocol import DynamicCache
+    from workers.data.retrieval import eval_set
+    from workers.eval import retrieval_accuracy
+
+    em = {}
+    for length in sorted(lengths):
+        es = eval_set(filler, n=n, length=length, seed=seed, split="calib", tokenizer=tok)
+        r = retrieval_accuracy(model, es, make_cache=lambda: DynamicCache(model.cfg.n_layers), batch_size=batch)
+        em[length] = r.accuracy
+        print(f"calibration: length {length}, full-cache exact match {r.accuracy:.3f} (n={n})", file=sys.stderr)
+    ok = [length for length, v in em.items() if v >= min_em]
+    if not ok:
+        raise SystemExit(f"--lengths {sorted(lengths)}: the full cache reaches {max(em.values()):.3f} < {min_em}")
+    return max(ok), em
+
+
+def _hits(logits: torch.Tensor, value: torch.Tensor) -> list[int]:
+    return (logits.argmax(-1) == value).all(1).long().tolist()
+
+
+def _hf_hits(hf, prompt, value, cache) -> list[int]:
+    feed = torch.cat([prompt[:, -1:], value[:, :-1]], 1)
+    return _hits(hf(input_ids=feed, cache=cache, use_cache=True).logits, value)
+
+
+def _arms(kvt_work: Path, art, ratios, n_layers: int):
+    """(quantized arms {report name: KVQuantConfig | None}, eviction arms {result key: MethodSpec})."""
+    from benchmarks.kvtuner_libraries import run_maps, run_params
+    from workers.caches.precision import KVQuantConfig
+    from workers.prefixkv.evaluate import MethodSpec
+
+    report = json.loads((kvt_work / "out" / "report.json").read_text())
+    _, p = run_params(kvt_work)
+    maps = run_maps({r["name"]: r for r in report["rows"]}, p)
+    maps["KIVI-4 (G32 R128)"] = KVQuantConfig.uniform("KV4", n_layers, **KIVI_PAPER)
+    maps["KIVI-2 (G32 R128)"] = KVQuantConfig.uniform("KV2", n_layers, **KIVI_PAPER)
+    mode = art.data["default_score"]
+    evict = {}
+    for r in ratios:
+        for name in BUDGET_ARMS:
+            spec = MethodSpec(name, r, mode)
+            evict[spec.key] = spec
+    return maps, evict
+
+
+def _ci(d: float, se: float) -> str:
+    return f"{d:+.3f} ± {se:.3f} [{d - 1.96 * se:+.3f}, {d + 1.96 * se:+.3f}]"
+
+
+def summarize(hits: dict[str, list[int]], ratios) -> list[dict]:
+    """Per arm: exact match, SE, paired difference vs full (and PrefixKV vs uniform at its ratio)."""
+    from workers.stats import mean_se, paired_difference
+
+    rows = []
+    for name, h in hits.items():
+        em, se = mean_se([float(x) for x in h])
+        row = {"arm": name, "n": len(h), "em": em, "se": se}
+        full = hits["full"][: len(h)]
+        if name != "full":
+            row["minus_full"], row["minus_full_se"] = paired_difference([float(x) for x in h], [float(x) for x in full])
+        m = re.match(r"prefixkv-(\w+)@(.+)$", name)
+        if m and f"uniform-{m[1]}@{m[2]}" in hits:
+            uni = hits[f"uniform-{m[1]}@{m[2]}"]
+            row["minus_uniform"], row["minus_uniform_se"] = paired_difference(
+                [float(x) for x in h], [float(x) for x in uni]
+            )
+        rows.append(row)
+    return rows
+
+
+def markdown(res: dict) -> str:
+    out = [
+        f"Retrieval on `{res['model']}`: {res['n']} held-out queries of {res['length']} tokens (filler `{res['corpus']}`, "
+        f"length chosen on {res['calib_n']} calibration queries: full-cache exact match "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in res["calib_em"].items())
+        + f"; KVTuner run `{res['kvtuner_run']}`, PrefixKV file `{res['prefixkv']}`; transformers' full cache and "
+        f"ours disagree on {res['full_disagreements_transformers']} of the QuantizedCache queries.",
+        "",
+        "| cache | n | exact match (± SE) | minus full (95% CI) | PrefixKV minus uniform (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        diff = _ci(r["minus_full"], r["minus_full_se"]) if "minus_full" in r else ""
+        uni = _ci(r["minus_uniform"], r["minus_uniform_se"]) if "minus_uniform" in r else ""
+        out.append(f"| {r['arm']} | {r['n']} | {r['em']:.3f} ± {r['se']:.3f} | {diff} | {uni} |")
+    return "\n".join(out)
+
+
+@torch.no_grad()
+def run(a, work: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.kvtuner_libraries import hf_cache, hf_prefill, run_params
+    from workers.data.corpus import load_corpus
+    from workers.data.retrieval import eval_set
+    from workers.eval import continuation_logits, prefill_scored
+    from workers.kvtuner.evaluate import cache_factory
+    from workers.model.hf.address import load_any, load_tokenizer, local_dir
+    from workers.prefixkv import artifact as pkv
+    from workers.prefixkv.evaluate import build_method
+
+    kvt_run, p = run_params(a.kvtuner)
+    art = pkv.load(a.prefixkv)
+    model_addr = p["model"]
+    if art.data.get("model") not in (None, model_addr):
+        raise SystemExit(f"--prefixkv is for {art.data['model']!r}, the KVTuner run for {model_addr!r}")
+    tok, model = load_tokenizer(model_addr), load_any(model_addr)
+    L = model.cfg.n_layers
+    art.check_layers(L)
+    corpus = load_corpus(a.corpus)
+
+    length_file = work / "length.json"
+    if length_file.is_file():
+        chosen = json.loads(length_file.read_text())
+    else:
+        length, em = choose_length(model, tok, corpus.calib, a.lengths, a.calib_n, a.seed, a.min_em, a.batch)
+        chosen = {"length": length, "calib_em": {str(k): v for k, v in em.items()}}
+        length_file.write_text(json.dumps(chosen))
+    tracking.log_metrics({f"calib_em/len_{k}": v for k, v in chosen["calib_em"].items()})
+    tracking.log_params({"length_chosen": chosen["length"]})
+    data = eval_set(corpus.heldout, n=a.n, length=chosen["length"], seed=a.seed + 1, split="heldout", tokenizer=tok)
+
+    maps, evict = _arms(a.kvtuner, art, a.ratios, L)
+    calibrated = {art.data["default_score"]: art.fractions()}
+    window, pool = int(art.data["window"]), int(art.data.get("pool", 1))
+    methods = lambda: {k: build_method(s, L, art.n_sink, window, calibrated, pool=pool) for k, s in evict.items()}
+    score = next(m.score for m in methods().values() if m.score.uses_attention)
+    hf_arms = {"quanto 4-bit (G64 R128)": 4, "quanto 2-bit (G64 R128)": 2}
+    hf = None
+
+    done_file = work / "batches.jsonl"
+    done = [json.loads(x) for x in done_file.read_text().splitlines()] if done_file.is_file() else []
+    start = sum(d["n"] for d in done)
+    for i in range(start, a.n, a.batch):
+        c, y = data.prompt[i : i + a.batch], data.value[i : i + a.batch]
+        pre = prefill_scored(model, c, score)
+        hits = {"full": _hits(continuation_logits(model, c, y, make_cache=cache_factory(None, L), prefilled=pre), y)}
+        for name, cfg in maps.items():
+            if cfg is not None:
+                hits[name] = _hits(continuation_logits(model, c, y, make_cache=cache_factory(cfg, L), prefilled=pre), y)
+        for name, m in methods().items():
+            hits[name] = _hits(continuation_logits(model, c, y, prefilled=pre, **m.forward_kwargs()), y)
+        del pre
+        if i < a.external_n:
+            if hf is None:
+                hf = AutoModelForCausalLM.from_pretrained(local_dir(model_addr), dtype=torch.float32).eval()
+            kv = hf_prefill(hf, c)
+            hits["transformers full"] = _hf_hits(hf, c, y, hf_cache(hf, kv, None))
+            for name, nbits in hf_arms.items():
+                hits[name] = _hf_hits(hf, c, y, hf_cache(hf, kv, nbits))
+            del kv
+        done.append({"start": i, "n": len(c), "hits": hits})
+        with done_file.open("a") as f:
+            f.write(json.dumps(done[-1]) + "\n")
+        tracking.log_metrics({"queries_done": i + len(c)}, step=i + len(c))
+        print(f"queries {i + len(c)}/{a.n}", file=sys.stderr, flush=True)
+
+    per: dict[str, list[int]] = {}
+    for d in done:
+        for k, v in d["hits"].items():
+            per.setdefault(k, []).extend(v)
+    ext = per.get("transformers full", [])
+    disagree = sum(a != b for a, b in zip(ext, per["full"]))  # the two stacks' full caches, answer by answer
+    return {
+        "model": model_addr,
+        "corpus": a.corpus,
+        "length": chosen["length"],
+        "calib_n": a.calib_n,
+        "calib_em": chosen["calib_em"],
+        "n": len(per["full"]),
+        "kvtuner_run": kvt_run,
+        "full_disagreements_transformers": disagree,
+        "prefixkv": str(a.prefixkv),
+        "rows": summarize(per, a.ratios),
+        "hits": per,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kv_retrieval", description=__doc__.splitlines()[0])
+    p.add_argument("--kvtuner", required=True, type=Path, help="a finished text run's pipelines.kvtuner --work-dir")
+    p.add_argument("--prefixkv", required=True, help="prefixkv.json of a PrefixKV run on the same model (path, runs:/)")
+    p.add_argument("--work-dir", required=True, type=Path, help="resumable state of this benchmark")
+    p.add_argument("--corpus", default="pydoc", help="filler text source")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048], help="candidate lengths (tokens)")
+    p.add_argument("--min-em", type=float, default=0.8, help="the full cache's exact match the length must reach")
+    p.add_argument("--calib-n", type=int, default=64, help="calibration queries per candidate length")
+    p.add_argument("--n", type=int, default=500, help="held-out queries")
+    p.add_argument("--external-n", type=int, default=100, help="held-out queries that also run QuantizedCache")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5], help="PrefixKV keep ratios")
+    p.add_argument("--seed", type=int, default=0, help="calibration queries' seed (held-out: seed + 1)")
+    p.add_argument("--batch", type=int, default=8, help="queries per forward")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--experiment", default="calibray-bench", help="MLflow experiment name")
+    a = p.parse_args(argv)
+    if not (a.kvtuner / "run_id").is_file() or not (a.kvtuner / "out" / "report.json").is_file():
+        p.error(f"--kvtuner {a.kvtuner}: no run_id and out/report.json (not a finished pipelines.kvtuner run)")
+    for name in ("calib_n", "n", "batch", "threads"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: must be >= 1")
+    if a.external_n < 0:
+        p.error(f"--external-n={a.external_n}: must be >= 0")
+    if not 0 < a.min_em <= 1:
+        p.error(f"--min-em={a.min_em}: must be in (0, 1]")
+    bad = [r for r in a.ratios if not 0 < r < 1]
+    if bad:
+        p.error(f"--ratios {bad[0]}: a keep ratio must be in (0, 1)")
+    try:  # the KVTuner run's params come from this store: a run of another store is bad input
+        tracking.check_run((a.kvtuner / "run_id").read_text().strip(), f"--kvtuner {a.kvtuner}: run")
+    except tracking.TrackingError as e:
+        p.error(str(e))
+    torch.set_num_threads(a.threads)
+    a.work_dir.mkdir(parents=True, exist_ok=True)
+    id_file = a.work_dir / "run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    if run_id:
+        tracking.mark_failed_if_running(run_id)
+    params = {k: str(v) for k, v in vars(a).items() if k != "experiment"}
+    with tracking.start_run(
+        "kv_retrieval", experiment=a.experiment, run_name="kv-retrieval", params=params, run_id=run_id
+    ) as active:
+        id_file.write_text(active.info.run_id)
+        res = run(a, a.work_dir)
+        key = lambda name: re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_")  # MLflow's metric-name rule
+        tracking.log_metrics({f"em/{key(r['arm'])}": r["em"] for r in res["rows"]})
+        tracking.log_metrics({f"minus_full/{key(r['arm'])}": r["minus_full"] for r in res["rows"] if "minus_full" in r})
+        import mlflow
+
+        text = markdown(res)
+        mlflow.log_text(json.dumps(res, indent=1), "kv_retrieval.json")
+        mlflow.log_text(text, "kv_retrieval.md")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
