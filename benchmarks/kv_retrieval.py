@@ -181,7 +181,7 @@ def run(a, work: Path) -> dict:
     start = sum(d["n"] for d in done)
     for i in range(start, a.n, a.batch):
         c, y = data.prompt[i : i + a.batch], data.value[i : i + a.batch]
-        pre = prefill_scored(model, c, score)
+        pre = prefill_scored(model, c, [score])
         hits = {"full": _hits(continuation_logits(model, c, y, make_cache=cache_factory(None, L), prefilled=pre), y)}
         for name, cfg in maps.items():
             if cfg is not None:

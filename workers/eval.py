@@ -14,7 +14,7 @@ Shape legend: N examples, L window length, C context length, M continuation leng
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -111,36 +111,42 @@ def prefill_kv(model, context: torch.Tensor, **forward_kwargs) -> list[KVView]:
 @dataclass(frozen=True)
 class ScoredPrefill:
     """One prefill shared by evicting caches as well: the full-precision keys and values [L] and,
-    per layer, the attention its scoring queries gave each key (received [L] of [B, S] fp32,
-    ``workers.caches.scoring.received`` under ``score``)."""
+    per token score, the attention that score's queries gave each key in that forward
+    (received {ScoreConfig: [L] of [B, S] fp32}, ``workers.caches.scoring.received``)."""
 
     kv: list[KVView]
-    received: list[torch.Tensor]
-    score: ScoreConfig
+    received: dict[ScoreConfig, list[torch.Tensor]]
 
 
 @torch.no_grad()
-def prefill_scored(model, context: torch.Tensor, score: ScoreConfig, **forward_kwargs) -> ScoredPrefill:
-    """``prefill_kv`` that also records what an evicting cache scoring by ``score`` would add up
-    during that forward (the same queries and keys), so its eviction can be replayed per budget."""
-    got: list[torch.Tensor | None] = [None] * model.cfg.n_layers
+def prefill_scored(model, context: torch.Tensor, scores: Sequence[ScoreConfig] = (), **forward_kwargs) -> ScoredPrefill:
+    """``prefill_kv`` that also records, for each attention score in ``scores``, what an evicting
+    cache scoring by it adds up during that forward (the same queries and keys), so that every
+    budget's eviction can be replayed from one prefill. Position scores need nothing recorded."""
+    tapped = list(dict.fromkeys(s for s in scores if s.uses_attention))
+    got = {s: [None] * model.cfg.n_layers for s in tapped}
 
     def tap(layer, q, k, q_pos, k_pos) -> None:
-        got[layer] = received(score, q, k, q_pos, k_pos)
+        for s in tapped:
+            got[s][layer] = received(s, q, k, q_pos, k_pos)
 
-    kv = prefill_kv(model, context, observer=tap if score.uses_attention else None, **forward_kwargs)
-    return ScoredPrefill(kv, got, score)
+    kv = prefill_kv(model, context, observer=tap if tapped else None, **forward_kwargs)
+    return ScoredPrefill(kv, got)
 
 
 def _fill(cache, prefilled: list[KVView] | ScoredPrefill) -> None:
     """Write a shared prefill into a fresh cache: evicting caches replay their eviction from the
     recorded scores (``load_prefill``), every other cache stores the keys and values."""
     scored = isinstance(prefilled, ScoredPrefill)
+    evicts = hasattr(cache, "load_prefill")
+    if evicts and not scored:
+        raise ValueError(f"{type(cache).__name__} evicts at prefill: share a ScoredPrefill (prefill_scored)")
+    got = prefilled.received.get(cache.score) if evicts else None
+    if evicts and cache.score.uses_attention and got is None:
+        raise ValueError(f"the shared prefill was not scored by {cache.score} (it has {list(prefilled.received)})")
     for layer, kv in enumerate(prefilled.kv if scored else prefilled):
-        if hasattr(cache, "load_prefill"):
-            if not scored:
-                raise ValueError(f"{type(cache).__name__} evicts at prefill: share a ScoredPrefill (prefill_scored)")
-            cache.load_prefill(layer, kv, prefilled.received[layer], prefilled.score)
+        if evicts:
+            cache.load_prefill(layer, kv, None if got is None else got[layer])
         else:
             cache.update(layer, kv.k, kv.v, kv.pos, kv.idx_k)
 

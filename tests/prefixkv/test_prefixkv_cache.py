@@ -238,7 +238,7 @@ def test_one_scored_prefill_replays_every_budgets_eviction(which, tokens, reques
     m = request.getfixturevalue(which)
     ctx, y = tokens[:, :80], tokens[:, 80:]
     score = ScoreConfig("window", window=8)
-    shared = prefill_scored(m, ctx, score)
+    shared = prefill_scored(m, ctx, [score, ScoreConfig("recency")])
     fractions = {"prefixkv": {0.3: [0.6, 0.2, 0.2, 0.2]}}
     for name, ratio in [("uniform", 0.3), ("pyramid", 0.5), ("prefixkv", 0.3), ("recency", 0.3)]:
         own, replayed = (Method(name, ratio, L, score, 4, fractions["prefixkv"]) for _ in range(2))

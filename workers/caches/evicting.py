@@ -100,16 +100,16 @@ class EvictingCache:
             raise RuntimeError(f"layer {layer}: observer saw {k.shape[1]} keys, the cache holds {view.k.shape[1]}")
         self._observed(layer, received(self.score, q, k, q_pos, k_pos) if self.score.uses_attention else None)
 
-    def load_prefill(self, layer: int, kv: KVView, got: torch.Tensor | None, score: ScoreConfig) -> None:
+    def load_prefill(self, layer: int, kv: KVView, got: torch.Tensor | None) -> None:
         """Fill a fresh layer from a prefill run elsewhere: the state `update` + `observe` leave
         after that prefill forward, bit for bit. kv: the layer's full-precision keys and values
-        [B, S, ...]; got [B, S]: the attention the forward's scoring queries gave each key
-        (`scoring.received` under `score`; None for position scorers). Evicting caches never
-        change the prefill's own attention, so one prefill serves every budget (workers.eval)."""
+        [B, S, ...]; got [B, S]: the attention that forward's scoring queries gave each key
+        (`scoring.received` under this cache's score; None for position scorers). Evicting never
+        changes the prefill's own attention, so one prefill serves every budget (workers.eval)."""
         if self.seen[layer] or self.pending[layer]:
             raise RuntimeError(f"EvictingCache.load_prefill(layer={layer}) on a layer that already holds tokens")
-        if self.score.uses_attention and (got is None or score != self.score):
-            raise ValueError(f"layer {layer}: the prefill was scored by {score}, this cache scores by {self.score}")
+        if self.score.uses_attention and got is None:
+            raise ValueError(f"layer {layer}: scoring by {self.score.mode!r} needs the attention each key received")
         self.update(layer, kv.k, kv.v, kv.pos, kv.idx_k)
         self._observed(layer, got if self.score.uses_attention else None)
 

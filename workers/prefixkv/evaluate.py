@@ -3,7 +3,9 @@
 Shape legend: N examples, C context length, M continuation length.
 
 Every method runs on the same examples in the same order, so the driver can form paired
-differences (PrefixKV minus uniform, per example) and their standard errors.
+differences (PrefixKV minus uniform, per example) and their standard errors. Each batch is
+prefilled once at full precision and every method's cache is replayed from that prefill
+(``workers.eval.prefill_scored``): the same caches as a prefill per method, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tuning.prefixkv.plan import SCHEDULES
 from workers.caches import scorers
 from workers.caches.scoring import ScoreConfig
 from workers.data.retrieval import RetrievalEvalSet
-from workers.eval import continuation_nll, retrieval_accuracy
+from workers.eval import continuation_logits, prefill_scored, token_nll
 from workers.prefixkv.methods import Method, method_label
 
 
@@ -53,6 +55,22 @@ def build_method(
     return Method(spec.name, spec.ratio, n_layers, score, n_sink, cal)
 
 
+def _shared(model, x: torch.Tensor, y: torch.Tensor, methods: dict, batch_size: int, metric) -> dict[str, list]:
+    """Per batch one full-precision prefill (scored by every method's token score), then every
+    method's cache replayed from it: metric(logits [B, M, V], y [B, M]) -> per-example values."""
+    out: dict[str, list] = {key: [] for key in methods}
+    for i in range(0, x.shape[0], batch_size):
+        c, t = x[i : i + batch_size], y[i : i + batch_size]
+        pre = prefill_scored(model, c, [m.score for m in methods.values()])
+        for key, m in methods.items():
+            out[key].extend(metric(continuation_logits(model, c, t, prefilled=pre, **m.forward_kwargs()), t))
+    return out
+
+
+def _methods(specs, n_layers, n_sink, window, calibrated, pool) -> dict:
+    return {spec.key: build_method(spec, n_layers, n_sink, window, calibrated, pool=pool) for spec in specs}
+
+
 def eval_nll(
     model,
     context: torch.Tensor,
@@ -66,12 +84,9 @@ def eval_nll(
     pool: int = 1,
 ) -> dict[str, list[float]]:
     """context [N, C], continuation [N, M] -> {spec key: per-example mean NLL (nats)}."""
-    out = {}
-    for spec in specs:
-        m = build_method(spec, model.cfg.n_layers, n_sink, window, calibrated, pool=pool)
-        res = continuation_nll(model, context, continuation, batch_size=batch_size, **m.forward_kwargs())
-        out[spec.key] = res.per_example
-    return out
+    methods = _methods(specs, model.cfg.n_layers, n_sink, window, calibrated, pool)
+    nll = lambda logits, y: token_nll(logits, y).mean(1).tolist()
+    return _shared(model, context, continuation, methods, batch_size, nll)
 
 
 def eval_retrieval(
@@ -86,9 +101,6 @@ def eval_retrieval(
     pool: int = 1,
 ) -> dict[str, list[int]]:
     """{spec key: per-example exact match (0/1)} on the retrieval task."""
-    out = {}
-    for spec in specs:
-        m = build_method(spec, model.cfg.n_layers, n_sink, window, calibrated, pool=pool)
-        res = retrieval_accuracy(model, data, batch_size=batch_size, **m.forward_kwargs())
-        out[spec.key] = res.per_example
-    return out
+    methods = _methods(specs, model.cfg.n_layers, n_sink, window, calibrated, pool)
+    hits = lambda logits, y: (logits.argmax(-1) == y).all(1).long().tolist()
+    return _shared(model, data.prompt, data.value, methods, batch_size, hits)
