@@ -3,7 +3,7 @@
     python -m benchmarks.kv_retrieval --kvtuner <text run's --work-dir> --prefixkv <prefixkv.json | runs:/<id>/prefixkv.json> \\
         --work-dir <dir> [--lengths 512 1024 2048] [--calib-n 64] [--n 500] [--ratios 0.2 0.5]
 
-The task (issue 15 item 3b): ``#key=value;`` records in real filler text (the ``pydoc`` corpus by
+The task (issue 15 item 3b): ``#key=value;`` records (``--records`` MIN MAX per sequence, one of them queried) in real filler text (the ``pydoc`` corpus by
 default: the interpreter's documentation, prose), queried at the end by ``?key=``, in the model's own
 tokens (workers.data.retrieval). Exact match = every value token right under argmax.
 
@@ -44,7 +44,9 @@ KIVI_PAPER = {"mode": "kivi", "group": 32, "residual": 128}  # KIVI's own settin
 BUDGET_ARMS = ("prefixkv", "uniform", "pyramid", "recency")
 
 
-def choose_length(model, tok, filler: bytes, lengths, n: int, seed: int, min_em: float, batch: int) -> tuple[int, dict]:
+def choose_length(
+    model, tok, filler: bytes, lengths, n: int, seed: int, min_em: float, batch: int, records
+) -> tuple[int, dict]:
     """The longest of ``lengths`` where the full cache's exact match on n calib queries is >= min_em."""
     from workers.caches.protocol import DynamicCache
     from workers.data.retrieval import eval_set
@@ -52,7 +54,7 @@ def choose_length(model, tok, filler: bytes, lengths, n: int, seed: int, min_em:
 
     em = {}
     for length in sorted(lengths):
-        es = eval_set(filler, n=n, length=length, seed=seed, split="calib", tokenizer=tok)
+        es = eval_set(filler, n=n, length=length, seed=seed, split="calib", tokenizer=tok, **records)
         r = retrieval_accuracy(model, es, make_cache=lambda: DynamicCache(model.cfg.n_layers), batch_size=batch)
         em[length] = r.accuracy
         print(f"calibration: length {length}, full-cache exact match {r.accuracy:.3f} (n={n})", file=sys.stderr)
@@ -118,7 +120,8 @@ def summarize(hits: dict[str, list[int]], ratios) -> list[dict]:
 
 def markdown(res: dict) -> str:
     out = [
-        f"Retrieval on `{res['model']}`: {res['n']} held-out queries of {res['length']} tokens (filler `{res['corpus']}`, "
+        f"Retrieval on `{res['model']}`: {res['n']} held-out queries of {res['length']} tokens, {res['records'][0]}-"
+        f"{res['records'][1]} key-value records each (filler `{res['corpus']}`, "
         f"length chosen on {res['calib_n']} calibration queries: full-cache exact match "
         + ", ".join(f"{k}: {v:.3f}" for k, v in res["calib_em"].items())
         + f"; KVTuner run `{res['kvtuner_run']}`, PrefixKV file `{res['prefixkv']}`; transformers' full cache and "
@@ -156,17 +159,20 @@ def run(a, work: Path) -> dict:
     L = model.cfg.n_layers
     art.check_layers(L)
     corpus = load_corpus(a.corpus)
+    records = {"min_records": a.records[0], "max_records": a.records[1]}
 
     length_file = work / "length.json"
     if length_file.is_file():
         chosen = json.loads(length_file.read_text())
     else:
-        length, em = choose_length(model, tok, corpus.calib, a.lengths, a.calib_n, a.seed, a.min_em, a.batch)
+        length, em = choose_length(model, tok, corpus.calib, a.lengths, a.calib_n, a.seed, a.min_em, a.batch, records)
         chosen = {"length": length, "calib_em": {str(k): v for k, v in em.items()}}
         length_file.write_text(json.dumps(chosen))
     tracking.log_metrics({f"calib_em/len_{k}": v for k, v in chosen["calib_em"].items()})
     tracking.log_params({"length_chosen": chosen["length"]})
-    data = eval_set(corpus.heldout, n=a.n, length=chosen["length"], seed=a.seed + 1, split="heldout", tokenizer=tok)
+    data = eval_set(
+        corpus.heldout, n=a.n, length=chosen["length"], seed=a.seed + 1, split="heldout", tokenizer=tok, **records
+    )
 
     maps, evict = _arms(a.kvtuner, art, a.ratios, L)
     calibrated = {art.data["default_score"]: art.fractions()}
@@ -212,6 +218,7 @@ def run(a, work: Path) -> dict:
     return {
         "model": model_addr,
         "corpus": a.corpus,
+        "records": a.records,
         "length": chosen["length"],
         "calib_n": a.calib_n,
         "calib_em": chosen["calib_em"],
@@ -230,6 +237,9 @@ def main(argv=None) -> int:
     p.add_argument("--prefixkv", required=True, help="prefixkv.json of a PrefixKV run on the same model (path, runs:/)")
     p.add_argument("--work-dir", required=True, type=Path, help="resumable state of this benchmark")
     p.add_argument("--corpus", default="pydoc", help="filler text source")
+    p.add_argument(
+        "--records", type=int, nargs=2, default=[4, 8], metavar=("MIN", "MAX"), help="key-value records per sequence"
+    )
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048], help="candidate lengths (tokens)")
     p.add_argument("--min-em", type=float, default=0.8, help="the full cache's exact match the length must reach")
     p.add_argument("--calib-n", type=int, default=64, help="calibration queries per candidate length")
@@ -246,6 +256,8 @@ def main(argv=None) -> int:
     for name in ("calib_n", "n", "batch", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: must be >= 1")
+    if not 1 <= a.records[0] <= a.records[1]:
+        p.error(f"--records {a.records[0]} {a.records[1]}: need 1 <= MIN <= MAX")
     if a.external_n < 0:
         p.error(f"--external-n={a.external_n}: must be >= 0")
     if not 0 < a.min_em <= 1:
