@@ -93,14 +93,19 @@ class MLflowMetrics:
 
 
 class ProgressBar:
-    def __init__(self, tc: TrainConfig, start: int) -> None:
-        from tqdm import tqdm
+    """One line on the driver's console that updates in place: Ray's tqdm, since plain tqdm inside
+    a Ray worker prints a new line per redraw. The loss and attention phase ride in the description
+    (Ray's tqdm has no postfix); its state reaches the driver at most every 2 s."""
 
-        self.bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", mininterval=2.0)
+    def __init__(self, tc: TrainConfig, start: int) -> None:
+        from ray.experimental.tqdm_ray import tqdm
+
+        self.bar = tqdm(total=tc.steps, desc="train", unit="step", flush_interval_s=2.0)
+        self.bar.n = start
 
     def __call__(self, r: StepResult) -> None:
+        self.bar.set_description(f"train (loss {r.ce.item():.3f}, {r.attn} attention)")
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{r.ce.item():.3f}", attn=r.attn)
         if r.step == self.bar.total:
             self.bar.close()
 
