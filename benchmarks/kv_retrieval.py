@@ -281,14 +281,11 @@ def main(argv=None) -> int:
     ) as active:
         id_file.write_text(active.info.run_id)
         res = run(a, a.work_dir)
-        key = lambda name: re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_")  # MLflow's metric-name rule
+        key = tracking.metric_key
         tracking.log_metrics({f"em/{key(r['arm'])}": r["em"] for r in res["rows"]})
         tracking.log_metrics({f"minus_full/{key(r['arm'])}": r["minus_full"] for r in res["rows"] if "minus_full" in r})
-        import mlflow
-
         text = markdown(res)
-        mlflow.log_text(json.dumps(res, indent=1), "kv_retrieval.json")
-        mlflow.log_text(text, "kv_retrieval.md")
+        tracking.log_report(res, text, "kv_retrieval")
         print(text)
     return 0
 

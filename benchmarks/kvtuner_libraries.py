@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -300,15 +299,12 @@ def main(argv=None) -> int:
         "kvtuner_libraries", experiment=a.experiment, run_name="kvtuner-vs-libraries", params=params
     ):
         res = compare(a.work_dir, a.windows, a.greedy_n, a.greedy_tokens, a.batch)
-        key = lambda name: re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_")  # MLflow's metric-name rule
+        key = tracking.metric_key
         tracking.log_metrics({f"nll/{key(r['cache'])}": r["nll"] for r in res["nll"]})
         tracking.log_metrics({f"minus_full/{key(r['cache'])}": r["minus_full"] for r in res["nll"]})
         tracking.log_metrics({f"greedy_match/{key(g['cache'])}": g["match"] for g in res["greedy"]})
-        import mlflow
-
         text = markdown(res)
-        mlflow.log_text(json.dumps(res, indent=1), "kvtuner_libraries.json")
-        mlflow.log_text(text, "kvtuner_libraries.md")
+        tracking.log_report(res, text, "kvtuner_libraries")
         print(text)
     return 0
 

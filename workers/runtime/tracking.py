@@ -8,7 +8,9 @@ One writer at a time: the driver, or rank 0 inside a Ray Train fit.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -145,6 +147,17 @@ def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
     run_id = run_id or mlflow.active_run().info.run_id
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+def metric_key(name: str) -> str:
+    """A display name ("KIVI-4 (G32 R128)") as an MLflow metric or param key (letters, digits, _ . - only)."""
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_")
+
+
+def log_report(result: dict, markdown: str, stem: str) -> None:
+    """A benchmark's whole result as <stem>.json and its printed table as <stem>.md, on the active run."""
+    mlflow.log_text(json.dumps(result, indent=1), f"{stem}.json")
+    mlflow.log_text(markdown, f"{stem}.md")
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
