@@ -269,6 +269,9 @@ def main(argv=None) -> int:
         tracking.check_run((a.kvtuner / "run_id").read_text().strip(), f"--kvtuner {a.kvtuner}: run")
     except tracking.TrackingError as e:
         p.error(str(e))
+    from benchmarks.kvtuner_libraries import run_params
+
+    model = run_params(a.kvtuner)[1]["model"]
     torch.set_num_threads(a.threads)
     a.work_dir.mkdir(parents=True, exist_ok=True)
     id_file = a.work_dir / "run_id"
@@ -277,7 +280,7 @@ def main(argv=None) -> int:
         tracking.mark_failed_if_running(run_id)
     params = {k: str(v) for k, v in vars(a).items() if k != "experiment"}
     with tracking.start_run(
-        "kv_retrieval", experiment=a.experiment, run_name="kv-retrieval", params=params, run_id=run_id
+        "kv_retrieval", experiment=a.experiment, run_name=f"kv-retrieval-{model}", params=params, run_id=run_id
     ) as active:
         id_file.write_text(active.info.run_id)
         res = run(a, a.work_dir)
