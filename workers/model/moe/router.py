@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kernels.bip_select import cpu as bip_cpu
 from workers.model.config import MoEConfig
 from workers.model.moe.balancing import (
     aux_loss,
@@ -58,6 +59,10 @@ class Router(nn.Module):
         self.register_buffer("step_load", torch.zeros(cfg.n_experts), persistent=False)
         self.ep_group = None  # set by MoEFFN.shard_experts: the batch BIP balances and f_j counts
         self.router_time = 0.0  # seconds spent selecting experts since the last reset
+        if cfg.router.strategy == "bip":
+            # load (or build) the fused CPU kernel now: its first call in a process takes ~0.3 s,
+            # which the first timed step would otherwise charge to routing (1.45 ms/step over 200)
+            bip_cpu.available()
 
     # True when `topk` is not a plain top-K (a subclass's group-limited selection): the causal
     # router then cannot read the first round's token prices off its routing top-(K+1)
