@@ -64,23 +64,21 @@ def choose_length(
     return max(ok), em
 
 
-def _hits(logits: torch.Tensor, value: torch.Tensor) -> list[int]:
-    return (logits.argmax(-1) == value).all(1).long().tolist()
-
-
 def _hf_hits(hf, prompt, value, cache) -> list[int]:
+    from workers.eval import exact_match
+
     feed = torch.cat([prompt[:, -1:], value[:, :-1]], 1)
-    return _hits(hf(input_ids=feed, cache=cache, use_cache=True).logits, value)
+    return exact_match(hf(input_ids=feed, cache=cache, use_cache=True).logits, value)
 
 
-def _arms(kvt_work: Path, art, ratios, n_layers: int):
-    """(quantized arms {report name: KVQuantConfig | None}, eviction arms {result key: MethodSpec})."""
-    from benchmarks.kvtuner_libraries import run_maps, run_params
+def _arms(kvt_work: Path, p: dict, art, ratios, n_layers: int):
+    """(quantized arms {report name: KVQuantConfig | None}, eviction arms {result key: MethodSpec});
+    p: the KVTuner run's params."""
+    from benchmarks.kvtuner_libraries import run_maps
     from workers.caches.precision import KVQuantConfig
     from workers.prefixkv.evaluate import MethodSpec
 
     report = json.loads((kvt_work / "out" / "report.json").read_text())
-    _, p = run_params(kvt_work)
     maps = run_maps({r["name"]: r for r in report["rows"]}, p)
     maps["KIVI-4 (G32 R128)"] = KVQuantConfig.uniform("KV4", n_layers, **KIVI_PAPER)
     maps["KIVI-2 (G32 R128)"] = KVQuantConfig.uniform("KV2", n_layers, **KIVI_PAPER)
@@ -97,7 +95,7 @@ def _ci(d: float, se: float) -> str:
     return f"{d:+.3f} ± {se:.3f} [{d - 1.96 * se:+.3f}, {d + 1.96 * se:+.3f}]"
 
 
-def summarize(hits: dict[str, list[int]], ratios) -> list[dict]:
+def summarize(hits: dict[str, list[int]]) -> list[dict]:
     """Per arm: exact match, SE, paired difference vs full (and PrefixKV vs uniform at its ratio)."""
     from workers.stats import mean_se, paired_difference
 
@@ -144,7 +142,7 @@ def run(a, work: Path) -> dict:
     from benchmarks.kvtuner_libraries import hf_cache, hf_prefill, run_params
     from workers.data.corpus import load_corpus
     from workers.data.retrieval import eval_set
-    from workers.eval import continuation_logits, prefill_scored
+    from workers.eval import continuation_logits, exact_match, prefill_scored
     from workers.kvtuner.evaluate import cache_factory
     from workers.model.hf.address import load_any, load_tokenizer, local_dir
     from workers.prefixkv import artifact as pkv
@@ -174,11 +172,11 @@ def run(a, work: Path) -> dict:
         corpus.heldout, n=a.n, length=chosen["length"], seed=a.seed + 1, split="heldout", tokenizer=tok, **records
     )
 
-    maps, evict = _arms(a.kvtuner, art, a.ratios, L)
+    maps, evict = _arms(a.kvtuner, p, art, a.ratios, L)
     calibrated = {art.data["default_score"]: art.fractions()}
     window, pool = int(art.data["window"]), int(art.data.get("pool", 1))
-    methods = lambda: {k: build_method(s, L, art.n_sink, window, calibrated, pool=pool) for k, s in evict.items()}
-    score = next(m.score for m in methods().values() if m.score.uses_attention)
+    methods = {k: build_method(s, L, art.n_sink, window, calibrated, pool=pool) for k, s in evict.items()}
+    scores = [m.score for m in methods.values()]
     hf_arms = {"quanto 4-bit (G64 R128)": 4, "quanto 2-bit (G64 R128)": 2}
     hf = None
 
@@ -187,13 +185,14 @@ def run(a, work: Path) -> dict:
     start = sum(d["n"] for d in done)
     for i in range(start, a.n, a.batch):
         c, y = data.prompt[i : i + a.batch], data.value[i : i + a.batch]
-        pre = prefill_scored(model, c, [score])
-        hits = {"full": _hits(continuation_logits(model, c, y, make_cache=cache_factory(None, L), prefilled=pre), y)}
-        for name, cfg in maps.items():
-            if cfg is not None:
-                hits[name] = _hits(continuation_logits(model, c, y, make_cache=cache_factory(cfg, L), prefilled=pre), y)
-        for name, m in methods().items():
-            hits[name] = _hits(continuation_logits(model, c, y, prefilled=pre, **m.forward_kwargs()), y)
+        pre = prefill_scored(model, c, scores)
+        hits = {}
+        for name, cfg in maps.items():  # "full" (None) first: the report's first row
+            hits[name] = exact_match(
+                continuation_logits(model, c, y, make_cache=cache_factory(cfg, L), prefilled=pre), y
+            )
+        for name, m in methods.items():
+            hits[name] = exact_match(continuation_logits(model, c, y, prefilled=pre, **m.forward_kwargs()), y)
         del pre
         if i < a.external_n:
             if hf is None:
@@ -226,7 +225,7 @@ def run(a, work: Path) -> dict:
         "kvtuner_run": kvt_run,
         "full_disagreements_transformers": disagree,
         "prefixkv": str(a.prefixkv),
-        "rows": summarize(per, a.ratios),
+        "rows": summarize(per),
         "hits": per,
     }
 

@@ -53,7 +53,7 @@ import torch
 
 from workers.data.corpus import load_corpus
 from workers.data.retrieval import KEY_LEN, VALUE_LEN, eval_set
-from workers.eval import token_nll
+from workers.eval import exact_match, token_nll
 from workers.stats import mean_se, paired_difference
 
 # Prompt bytes fed after the compressed prefill, per retrieval setting.
@@ -152,7 +152,7 @@ def retrieval_split(prompt, value, fed: int):
 def retrieval_row(logits, value, kv_bytes) -> dict:
     """logits [N, M, V] whose last 3 positions predict value [N, 3] -> hits, value NLL, KV bytes."""
     lg = logits[:, -VALUE_LEN:]
-    hits = (lg.argmax(-1) == value).all(1).long().tolist()
+    hits = exact_match(lg, value)
     nll = token_nll(lg, value).mean(1).tolist()
     return {"hits": hits, "nll": nll, "kv_bytes": kv_bytes}
 

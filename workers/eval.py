@@ -218,6 +218,11 @@ def continuation_nll(
     return NLLResult(m, se, continuation.numel(), per, scored_bytes(tokenizer, continuation))
 
 
+def exact_match(logits: torch.Tensor, value: torch.Tensor) -> list[int]:
+    """logits [N, V_len, vocab], value [N, V_len] -> per example 1 if every value token is the argmax."""
+    return (logits.argmax(-1) == value).all(1).long().tolist()
+
+
 def retrieval_accuracy(
     model,
     data: RetrievalEvalSet,
@@ -236,7 +241,7 @@ def retrieval_accuracy(
         logits = continuation_logits(
             model, c, y, make_cache=make_cache, after_prefill=after_prefill, prefilled=pre, **forward_kwargs
         )
-        hits.extend((logits.argmax(-1) == y).all(1).long().tolist())
+        hits.extend(exact_match(logits, y))
     n = len(hits)
     p = sum(hits) / n
     return AccuracyResult(p, math.sqrt(max(p * (1 - p), 1e-12) / n), n, hits)

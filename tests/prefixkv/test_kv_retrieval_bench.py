@@ -21,7 +21,7 @@ def test_summary_pairs_each_arm_with_full_and_prefixkv_with_uniform_at_its_ratio
         "uniform-window@0.5": [1, 1, 1, 1],
         "quanto 4-bit": [1, 1],  # an external arm on the first queries only: paired on those
     }
-    rows = {r["arm"]: r for r in summarize(hits, [0.2, 0.5])}
+    rows = {r["arm"]: r for r in summarize(hits)}
     assert rows["full"]["em"] == 0.75 and "minus_full" not in rows["full"]
     assert rows["KV2"]["minus_full"] == pytest.approx(-0.25)
     assert rows["prefixkv-window@0.2"]["minus_uniform"] == pytest.approx(0.25)

@@ -19,7 +19,7 @@ from tuning.prefixkv.plan import SCHEDULES
 from workers.caches import scorers
 from workers.caches.scoring import ScoreConfig
 from workers.data.retrieval import RetrievalEvalSet
-from workers.eval import continuation_logits, prefill_scored, token_nll
+from workers.eval import continuation_logits, exact_match, prefill_scored, token_nll
 from workers.prefixkv.methods import Method, method_label
 
 
@@ -102,5 +102,4 @@ def eval_retrieval(
 ) -> dict[str, list[int]]:
     """{spec key: per-example exact match (0/1)} on the retrieval task."""
     methods = _methods(specs, model.cfg.n_layers, n_sink, window, calibrated, pool)
-    hits = lambda logits, y: (logits.argmax(-1) == y).all(1).long().tolist()
-    return _shared(model, data.prompt, data.value, methods, batch_size, hits)
+    return _shared(model, data.prompt, data.value, methods, batch_size, exact_match)
