@@ -37,6 +37,14 @@ same queries), the value bytes' mean NLL and the KV bytes ratio. Two settings, b
   cover the question, like SnapKV's observation window); `agnostic` uses `--score`.
 
 KV bytes are measured right after the prefill, so each setting's ratio is to its own full cache.
+
+`--run <id>` (text) scores the held-out windows of a finished `pipelines.prefixkv` text run (a
+real checkpoint such as `smollm2-135m`, in its own tokens): the main environment rebuilds them from
+the run's params exactly as the pipeline did (`pipelines.prefixkv.eval_data`), checks that its
+full cache reproduces the run's logged full-cache NLL on every window, and hands the tokens and the
+run's per-window NLL of each arm (PrefixKV, uniform, pyramid, recency, random) to the kvpress
+half, which scores only its presses and the full cache on them. The kvpress rows are then paired
+against the run's own arms on the same windows; the calibray arms are not recomputed.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import argparse
 import json
 import math
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,13 +71,14 @@ SETTINGS = {"agnostic": 1 + KEY_LEN + 1, "aware": 1}  # "?key=" / "="
 
 def kvpress_presses(ratio: float) -> dict:
     """kvpress presses at their default settings (nothing tuned), compression_ratio = 1 - keep."""
-    from kvpress import ExpectedAttentionPress, PyramidKVPress, SnapKVPress
+    from kvpress import ExpectedAttentionPress, KnormPress, PyramidKVPress, SnapKVPress
 
     c = round(1.0 - ratio, 6)
     return {
         "kvpress-snapkv": SnapKVPress(compression_ratio=c),
         "kvpress-pyramidkv": PyramidKVPress(compression_ratio=c),
         "kvpress-expected-attention": ExpectedAttentionPress(compression_ratio=c),
+        "kvpress-knorm": KnormPress(compression_ratio=c),
     }
 
 
@@ -101,10 +111,16 @@ def kvpress_logits(hf, context, continuation, press):
     return torch.stack(logits, 1), kv_bytes
 
 
-def kvpress_nll(hf, context, continuation, press):
-    logits, kv_bytes = kvpress_logits(hf, context, continuation, press)
-    nll = token_nll(logits, continuation).mean(1)
-    return nll.tolist(), kv_bytes
+def kvpress_nll(hf, context, continuation, press, batch: int | None = None):
+    """Per-window continuation NLL (nats/token) and the KV bytes after prefill, summed over batches
+    of `batch` windows (None: all at once)."""
+    batch = batch or context.shape[0]
+    nll, kv_bytes = [], 0
+    for i in range(0, context.shape[0], batch):
+        logits, b = kvpress_logits(hf, context[i : i + batch], continuation[i : i + batch], press)
+        nll += token_nll(logits, continuation[i : i + batch]).mean(1).tolist()
+        kv_bytes += b
+    return nll, kv_bytes
 
 
 @torch.no_grad()
@@ -127,6 +143,26 @@ def calibray_nll(model, context, continuation, method):
     logits, kv_bytes = calibray_logits(model, context, continuation, method)
     nll = token_nll(logits, continuation).mean(1)
     return nll.tolist(), kv_bytes
+
+
+def run_windows(run_id: str, n: int | None):
+    """A finished pipelines.prefixkv text run -> (its params, context [n, C], continuation [n, M],
+    {arm@keep: per-window NLL} as it logged them); the first `n` of its held-out windows (all: None)."""
+    import mlflow
+
+    from pipelines.prefixkv import RunConfig, eval_data
+    from workers.model.hf.address import load_tokenizer
+    from workers.runtime.tracking import download
+
+    params = mlflow.get_run(run_id).data.params
+    if params.get("data") != "text":
+        raise ValueError(f"--run {run_id}: a {params.get('data')!r} run; --run takes a text run")
+    ints = ("samples", "context", "continuation", "eval_samples", "seed")
+    cfg = RunConfig(model=params["model"], corpus=params["corpus"], workers=1, **{k: int(params[k]) for k in ints})
+    ctx, cont = eval_data(cfg, load_corpus(cfg.corpus), load_tokenizer(cfg.model))
+    per_example = json.loads(download(f"runs:/{run_id}/eval/eval.json").read_text())["per_example"]
+    n = ctx.shape[0] if n is None else min(n, ctx.shape[0])
+    return params, ctx[:n], cont[:n], {k: v[:n] for k, v in per_example.items()}
 
 
 def _windows(a):
@@ -169,11 +205,14 @@ def _retrieval_rows(a, ratios, run) -> dict:
     return rows
 
 
-def _load_kvpress_model(a):
+def _load_kvpress_model(path: str):
+    """An HF directory (`hf:<dir>` or a path) in this environment's transformers, fp32, sdpa."""
     from transformers import AutoModelForCausalLM
 
-    path = a.model[3:] if a.model.startswith("hf:") else a.model
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    path = path[3:] if path.startswith("hf:") else path
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+    ).eval()
 
 
 def run_kvpress(a, ratios) -> dict:
@@ -181,7 +220,12 @@ def run_kvpress(a, ratios) -> dict:
     for text, {key: retrieval_row} for retrieval."""
     import transformers
 
-    hf = _load_kvpress_model(a)
+    if a.run:  # the main environment's half resolved the model and rebuilt the run's windows
+        half = json.loads(Path(a.windows_from).read_text())
+        hf = _load_kvpress_model(half["model_dir"])
+        ctx, cont = torch.tensor(half["context"]), torch.tensor(half["continuation"])
+    else:
+        hf = _load_kvpress_model(a.model)
     out = {"transformers": transformers.__version__, "rows": {}}
     if a.data == "retrieval":
 
@@ -191,11 +235,13 @@ def run_kvpress(a, ratios) -> dict:
 
         out["rows"] = _retrieval_rows(a, ratios, run)
         return out
-    ctx, cont = _windows(a)
-    out["rows"]["full@1"] = kvpress_nll(hf, ctx, cont, None)
-    for r in ratios:
-        for name, press in kvpress_presses(r).items():
-            out["rows"][f"{name}@{r:g}"] = kvpress_nll(hf, ctx, cont, press)
+    if not a.run:
+        ctx, cont = _windows(a)
+    cells = [("full@1", None)] + [(f"{n}@{r:g}", p) for r in ratios for n, p in kvpress_presses(r).items()]
+    for i, (key, press) in enumerate(cells):
+        t = time.time()
+        out["rows"][key] = kvpress_nll(hf, ctx, cont, press, a.batch)
+        print(f"kvpress {key}: {time.time() - t:.0f} s ({i + 1}/{len(cells)})", file=sys.stderr, flush=True)
     return out
 
 
@@ -207,6 +253,8 @@ def run_calibray(a, ratios) -> dict:
     from workers.prefixkv import artifact
     from workers.prefixkv.methods import Method
 
+    if a.run:
+        return calibray_run_half(a)
     cal = artifact.load(a.calibration)
     ours = load_hf(a.model)
     n_layers = ours.cfg.n_layers
@@ -238,12 +286,45 @@ def run_calibray(a, ratios) -> dict:
     return out
 
 
+def calibray_run_half(a) -> dict:
+    """--run: the run's windows rebuilt, our full cache on them (checked against the run's own
+    full-cache NLL), and the run's per-window arms; the tokens go to the kvpress half."""
+    import transformers
+
+    from workers.model.hf.address import load_hf, local_dir
+    from workers.prefixkv.methods import Method
+
+    params, ctx, cont, logged = run_windows(a.run, a.samples)
+    ours = load_hf(params["model"])
+    n_layers = ours.cfg.n_layers
+
+    full = []
+    for i in range(0, ctx.shape[0], a.batch):
+        full += calibray_nll(ours, ctx[i : i + a.batch], cont[i : i + a.batch], Method("full", 1.0, n_layers))[0]
+    drift = max(abs(x - y) for x, y in zip(full, logged["full@1"]))
+    if drift > 1e-4:
+        raise RuntimeError(f"--run {a.run}: rebuilt windows give a full-cache NLL {drift:.2e} nats from the run's")
+    return {
+        "transformers": transformers.__version__,
+        "model_dir": str(local_dir(params["model"])),
+        "model": params["model"],
+        "context": ctx.tolist(),
+        "continuation": cont.tolist(),
+        "run_drift": drift,
+        "rows": {"full@1": (full, None), **{f"run:{k}": (v, None) for k, v in logged.items() if k != "full@1"}},
+    }
+
+
 def report_text(a, kv, ours, t0) -> dict:
+    """Each row's NLL paired against the kvpress full cache and, with `--run`, against the run's
+    uniform budget at the same keep (scoring `--score`, default `window`) on the same windows."""
+    reference = f"run:uniform-{a.score or 'window'}"
     full_nll, full_bytes = kv["rows"].pop("full@1")
-    ours_full, ours_full_bytes = ours["rows"].pop("full@1")
+    ours_full, _ = ours["rows"].pop("full@1")
     out = {
         "transformers": {"kvpress": kv["transformers"], "calibray": ours["transformers"]},
         "args": vars(a),
+        "n_windows": len(full_nll),
         "full_nll": mean_se(full_nll),
         "full_per_example": full_nll,
         "full_kv_bytes": full_bytes,
@@ -251,21 +332,38 @@ def report_text(a, kv, ours, t0) -> dict:
         "rows": [],
         "seconds": round(time.time() - t0, 1),
     }
-    print(
-        f"full cache: NLL {out['full_nll'][0]:.4f} +- {out['full_nll'][1]:.4f}, KV {full_bytes} bytes; "
-        f"kvpress vs calibray full-cache paths differ by at most {out['full_paths_max_abs_diff']:.2e} nats"
-    )
-    print(
-        "| method@keep | NLL | SE | minus full | paired SE | KV bytes / full |\n| --- | --- | --- | --- | --- | --- |"
-    )
-    rows = sorted({**kv["rows"], **ours["rows"]}.items(), key=lambda kv_: (float(kv_[0].split("@")[1]), kv_[0]))
-    for key, (nll, b) in rows:
+    lines = [
+        f"full cache ({out['n_windows']} windows): NLL {out['full_nll'][0]:.4f} +- {out['full_nll'][1]:.4f}, KV "
+        f"{full_bytes} bytes; kvpress vs calibray full-cache paths differ by at most "
+        f"{out['full_paths_max_abs_diff']:.2e} nats per window",
+        "",
+        f"| method@keep | NLL | SE | minus full (paired SE) | minus {reference} (paired SE) | KV bytes / full |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    rows = {**kv["rows"], **ours["rows"]}
+    for key, (nll, b) in sorted(rows.items(), key=lambda kv_: (float(kv_[0].split("@")[1]), kv_[0])):
         m, se = mean_se(nll)
         d, dse = paired_difference(nll, full_nll)
+        ref = rows.get(f"{reference}@{key.split('@')[1]}")
+        du, duse = paired_difference(nll, ref[0]) if ref else (None, None)
         out["rows"].append(
-            {"key": key, "nll": m, "se": se, "diff_vs_full": d, "diff_se": dse, "kv_bytes": b, "per_example": nll}
+            {
+                "key": key,
+                "nll": m,
+                "se": se,
+                "diff_vs_full": d,
+                "diff_se": dse,
+                "diff_vs_uniform": du,
+                "diff_vs_uniform_se": duse,
+                "kv_bytes": b,
+                "per_example": nll,
+            }
         )
-        print(f"| {key} | {m:.4f} | {se:.4f} | {d:+.4f} | {dse:.4f} | {b / full_bytes:.3f} |")
+        vs_uniform = "" if ref is None else f"{du:+.4f} ({duse:.4f})"
+        ratio = "" if b is None else f"{b / full_bytes:.3f}"
+        lines.append(f"| {key} | {m:.4f} | {se:.4f} | {d:+.4f} ({dse:.4f}) | {vs_uniform} | {ratio} |")
+    out["markdown"] = "\n".join(lines)
+    print(out["markdown"])
     return out
 
 
@@ -330,14 +428,18 @@ def report_retrieval(a, kv, ours, t0) -> dict:
                 f"| {setting} | {name} | {p:.3f} | {se:.3f} | {d:+.3f} | {dse:.3f} | "
                 f"{out['rows'][-1]['value_nll'][0]:.4f} | {ratio:.3f} |"
             )
-    print("\n".join(table))
+    out["markdown"] = "\n".join(table)
+    print(out["markdown"])
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.prefixkv_kvpress", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="hf:<dir> of a Llama-shaped model (e.g. the exported dense model)")
-    p.add_argument("--calibration", required=True, help="prefixkv.json (path or runs:/<id>/prefixkv.json)")
+    p.add_argument("--model", help="hf:<dir> of a Llama-shaped model (e.g. the exported dense model)")
+    p.add_argument("--calibration", help="prefixkv.json (path or runs:/<id>/prefixkv.json)")
+    p.add_argument("--run", default=None, help="a pipelines.prefixkv text run id: its model and held-out windows")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward (text)")
+    p.add_argument("--windows-from", default=None, help=argparse.SUPPRESS)  # --run: the calibray half's JSON
     p.add_argument("--data", choices=("text", "retrieval"), default="text", help="held-out text or retrieval queries")
     p.add_argument("--score", default=None, help="calibrated score mode to use (default: the file's default)")
     p.add_argument("--aware-score", default="window", help="retrieval: calibray score mode in the 'aware' setting")
@@ -350,7 +452,13 @@ def main(argv=None):
     p.add_argument("--part", choices=("both", "kvpress", "calibray"), default="both", help="which half to run")
     p.add_argument("--python", default=".venv/bin/python", help="main-environment python for the calibray half")
     p.add_argument("--out", default=None, help="write the result JSON here")
+    p.add_argument("--experiment", default=None, help="log the result as a run of this MLflow experiment")
     a = p.parse_args(argv)
+    if a.run:
+        if a.data != "text":
+            p.error(f"--data={a.data}: --run takes a text run")
+    elif not (a.model and a.calibration):
+        p.error("--model and --calibration are required without --run")
     if a.context is None:
         a.context = 192 if a.data == "text" else 256 - VALUE_LEN
     ratios = [float(r) for r in a.ratios.split(",")]
@@ -367,18 +475,39 @@ def main(argv=None):
             with open(a.out, "w") as f:
                 json.dump(res, f)
         return res
-    # The calibray half runs in the main environment (its transformers), on the same windows.
+    if not a.experiment:
+        return compare(a, ratios, t0)
+    from workers.runtime import tracking
+
+    name = f"kvpress-vs-prefixkv-{a.data}-" + (f"run-{a.run[:8]}" if a.run else Path(a.model).name)
+    params = {k: str(v) for k, v in vars(a).items() if k not in ("experiment", "windows_from")}
+    with tracking.start_run("prefixkv_kvpress", experiment=a.experiment, run_name=name, params=params):
+        out = compare(a, ratios, t0)
+        key = tracking.metric_key
+        for r in out["rows"]:
+            metrics = {"nll": r.get("nll"), "exact_match": r.get("exact_match"), "minus_full": r["diff_vs_full"]}
+            metrics["minus_uniform"] = r.get("diff_vs_uniform")
+            tracking.log_metrics({f"{m}/{key(r['key'])}": v for m, v in metrics.items() if v is not None})
+        tracking.log_report(out, out["markdown"], "prefixkv_kvpress")
+    return out
+
+
+def compare(a, ratios, t0) -> dict:
+    """Both halves, one after the other, and the report."""
+    # The calibray half runs first, in the main environment (its transformers), on the same windows:
+    # never beside the kvpress half, since two multi-threaded torch processes on a few cores
+    # spin-wait each other to a crawl.
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         args = [a.python, "-m", "benchmarks.prefixkv_kvpress", "--part", "calibray", "--out", tmp.name]
-        flags = ("model", "calibration", "data", "score", "aware_score", "settings", "ratios", "context")
-        for flag in (*flags, "continuation", "samples", "seed"):
+        flags = ("model", "calibration", "run", "data", "score", "aware_score", "settings", "ratios", "context")
+        for flag in (*flags, "continuation", "samples", "seed", "batch"):
             if getattr(a, flag) is not None:
                 args += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
-        child = subprocess.Popen(args)
-        kv = run_kvpress(a, ratios)
-        if child.wait() != 0:
+        if subprocess.run(args).returncode != 0:
             raise RuntimeError(f"calibray half failed: {' '.join(args)}")
+        a.windows_from = tmp.name
         ours = json.loads(Path(tmp.name).read_text())
+        kv = run_kvpress(a, ratios)
     out = (report_retrieval if a.data == "retrieval" else report_text)(a, kv, ours, t0)
     if a.out:
         with open(a.out, "w") as f:
