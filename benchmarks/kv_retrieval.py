@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="calibration queries' seed (held-out: seed + 1)")
     p.add_argument("--batch", type=int, default=8, help="queries per forward")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--experiment", default="calibray-bench", help="MLflow experiment name")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: kv_retrieval)")
     a = p.parse_args(argv)
     if not (a.kvtuner / "run_id").is_file() or not (a.kvtuner / "out" / "report.json").is_file():
         p.error(f"--kvtuner {a.kvtuner}: no run_id and out/report.json (not a finished pipelines.kvtuner run)")
@@ -285,7 +285,8 @@ def main(argv=None) -> int:
         res = run(a, a.work_dir)
         key = tracking.metric_key
         tracking.log_metrics({f"em/{key(r['arm'])}": r["em"] for r in res["rows"]})
-        tracking.log_metrics({f"minus_full/{key(r['arm'])}": r["minus_full"] for r in res["rows"] if "minus_full" in r})
+        for m in ("minus_full", "minus_full_se", "minus_uniform", "minus_uniform_se"):
+            tracking.log_metrics({f"{m}/{key(r['arm'])}": r[m] for r in res["rows"] if m in r})
         text = markdown(res)
         tracking.log_report(res, text, "kv_retrieval")
         print(text)

@@ -1,18 +1,21 @@
-"""The end-to-end demo on the embedded default: train, calibrate, serve, summarise.
+"""The end-to-end demo: every method on a real model where a real model is the test, in at most 15 minutes.
 
-    python -m pipelines.demo                    # the full chain (about 15 minutes on 2 cores, first run)
-    python -m pipelines.demo --preset smoke     # a 2-minute version on tiny models
-    python -m pipelines.demo --retrain          # do not reuse models already trained with the same config
+    python -m pipelines.demo                    # the full chain (at most 15 minutes on 2 cores)
+    python -m pipelines.demo --preset smoke     # the same chain at toy scale (at most 3 minutes)
+    python -m pipelines.demo --verbose          # every pipeline's own output on the console too
 
-Stages (each a real pipeline, logged to MLflow, with its own time budget shown as it runs):
-1. train the demo DSA-MoE model with BIP balancing, expert parallel over 2 Ray Train workers;
-2. IndexCache greedy layer selection on it (calibration actors);
-3. train the retrieval testbed (a small Llama-shaped model where the KV cache matters);
-4. KVTuner and 5. PrefixKV on both models;
-6. start the Ray Serve application with the calibrated configs and send a few requests;
-7. print one summary table (each method against its baseline, held-out numbers) and how to
-   open the MLflow UI and call the endpoint.
-A second run reuses a model trained with the same config (found in MLflow by its config hash).
+Stages, each a real pipeline whose MLflow run is a child of one `demo` parent run:
+1. train the DSA-MoE model with BIP balancing, expert parallel over 2 Ray Train workers (reused
+   when a model of the same config was trained before, in any experiment);
+2. IndexCache greedy layer selection on it;
+3. KVTuner precision search on SmolLM2-135M (long-context continuation NLL);
+4. PrefixKV budgets on SmolLM2-135M (the same task);
+5. both calibrated caches on natural-language retrieval with SmolLM2-135M;
+6. SmolLM2-135M served on Ray Serve with the calibrated caches beside a full-cache deployment,
+   asked the same chat questions through the `openai` client.
+The console shows one line per stage and the verdict table; everything else (Ray's, MLflow's and
+the pipelines' own output) goes to the log file named at the start. Verdicts are demo-scale:
+docs/ holds the full-scale results.
 """
 
 from __future__ import annotations
@@ -20,113 +23,63 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass, field
-
-from mlflow.tracking import MlflowClient
+from pathlib import Path
 
 from pipelines import train_moe
+from pipelines.demo_console import Console
 from workers.runtime import cli, tracking
-from workers.training.config import TrainConfig, demo, retrieval, tiny
+from workers.training.config import TrainConfig, demo, tiny
+
+EXPERIMENT = "demo"
+REAL_MODEL = "smollm2-135m"
+STAGES = ("train_moe", "indexcache", "kvtuner", "prefixkv", "retrieval", "serve")
+
+
+def _args(text: str) -> list[str]:
+    return text.split()
 
 
 @dataclass(frozen=True)
 class DemoPreset:
+    """Each stage's command-line arguments and its time budget (seconds, 2 cores)."""
+
     name: str
     moe: TrainConfig
-    testbed: TrainConfig
-    indexcache: list[str] = field(default_factory=list)
-    kvtuner_text: list[str] = field(default_factory=list)
-    kvtuner_retrieval: list[str] = field(default_factory=list)
-    prefixkv_text: list[str] = field(default_factory=list)
-    prefixkv_retrieval: list[str] = field(default_factory=list)
+    indexcache: list[str]
+    kvtuner: list[str]
+    kv_budget: float  # the KVTuner budget the search runs at and the calibrated replica serves
+    prefixkv: list[str]
+    keep_ratio: float  # the PrefixKV keep ratio evaluated and served
+    retrieval: list[str]
     budgets_s: dict[str, int] = field(default_factory=dict)
-    serve_retention: float = 0.25  # which IndexCache pattern the calibrated replica serves
+    retention: float = 0.25  # the IndexCache retention the table reports
+
+    def __post_init__(self):
+        if set(self.budgets_s) != set(STAGES):
+            raise ValueError(f"preset {self.name}: budgets_s must name exactly the stages {STAGES}")
 
 
 def full() -> DemoPreset:
     return DemoPreset(
         name="full",
         moe=demo().replace(num_workers=2, ep_size=2, cpus_per_worker=1.0),
-        testbed=retrieval(),
-        indexcache=[
-            "--retention",
-            "0.5",
-            "0.25",
-            "0.125",
-            "--workers",
-            "2",
-            "--worker-cpus",
-            "0.9",
-            "--calib-windows",
-            "16",
-            "--heldout-windows",
-            "64",
-            "--no-overlap",
-        ],
-        kvtuner_text=[
-            "--budget",
-            "4.0",
-            "--length",
-            "256",
-            "--calib-n",
-            "8",
-            "--valid-n",
-            "16",
-            "--report-n",
-            "64",
-            "--num-samples",
-            "12",
-            "--clusters",
-            "4",
-            "--actors",
-            "2",
-            "--cpus-per-actor",
-            "0.9",
-        ],
-        kvtuner_retrieval=[
-            "--task",
-            "retrieval",
-            "--budget",
-            "3.0",
-            "--length",
-            "256",
-            "--calib-n",
-            "32",
-            "--valid-n",
-            "64",
-            "--report-n",
-            "400",
-            "--num-samples",
-            "12",
-            "--clusters",
-            "1",
-            "--actors",
-            "2",
-            "--cpus-per-actor",
-            "0.9",
-        ],
-        prefixkv_text=["--samples", "8", "--workers", "2", "--eval-samples", "32", "--cpus-per-worker", "0.9"],
-        prefixkv_retrieval=[
-            "--data",
-            "retrieval",
-            "--samples",
-            "16",
-            "--workers",
-            "2",
-            "--eval-samples",
-            "200",
-            "--cpus-per-worker",
-            "0.9",
-        ],
-        budgets_s={
-            "train_moe": 300,
-            "indexcache": 120,
-            "train_testbed": 600,
-            "kvtuner": 150,
-            "prefixkv": 120,
-            "serve": 60,
-        },
+        indexcache=_args(
+            "--retention 0.5 0.25 0.125 --workers 2 --worker-cpus 0.9 --calib-windows 16 --heldout-windows 64 "
+            "--no-overlap"
+        ),
+        kvtuner=_args(
+            "--corpus stdlib --task text --length 544 --continuation 32 --calib-n 4 --valid-n 8 --report-n 24 "
+            "--num-samples 8 --population 4 --clusters 4 --baselines KV4 K4V2 K2V4 KV2 --actors 1 --cpus-per-actor 2"
+        ),
+        kv_budget=3.25,
+        prefixkv=_args(
+            "--corpus stdlib --data text --samples 4 --workers 1 --cpus-per-worker 2 --context 512 --continuation 32 "
+            "--scores window --eval-samples 24 --batch-size 4"
+        ),
+        keep_ratio=0.2,
+        retrieval=_args("--records 2 4 --lengths 256 --calib-n 16 --n 64 --external-n 0 --threads 2"),
+        budgets_s={"train_moe": 300, "indexcache": 60, "kvtuner": 200, "prefixkv": 120, "retrieval": 100, "serve": 60},
     )
 
 
@@ -134,235 +87,208 @@ def smoke() -> DemoPreset:
     small = tiny().replace(steps=30, eval_windows=16)
     return DemoPreset(
         name="smoke",
-        serve_retention=0.5,
         moe=small.replace(num_workers=2, ep_size=2, cpus_per_worker=0.5),
-        testbed=small.replace(model=small.model.replace(indexer=None, moe=None), preset="tiny-dense"),
-        indexcache=[
-            "--retention",
-            "0.5",
-            "--workers",
-            "1",
-            "--worker-cpus",
-            "0.5",
-            "--calib-windows",
-            "4",
-            "--heldout-windows",
-            "8",
-            "--no-overlap",
-        ],
-        kvtuner_text=[
-            "--budget",
-            "4.0",
-            "--length",
-            "64",
-            "--continuation",
-            "16",
-            "--group",
-            "16",
-            "--residual",
-            "16",
-            "--calib-n",
-            "4",
-            "--valid-n",
-            "4",
-            "--report-n",
-            "8",
-            "--num-samples",
-            "4",
-            "--clusters",
-            "2",
-            "--actors",
-            "1",
-            "--cpus-per-actor",
-            "0.5",
-            "--no-fidelity2",
-        ],
-        prefixkv_text=[
-            "--samples",
-            "2",
-            "--workers",
-            "1",
-            "--context",
-            "112",
-            "--continuation",
-            "16",
-            "--n-sink",
-            "2",
-            "--eval-samples",
-            "4",
-            "--cpus-per-worker",
-            "0.5",
-        ],
-        budgets_s={"train_moe": 40, "indexcache": 20, "train_testbed": 20, "kvtuner": 30, "prefixkv": 20, "serve": 30},
+        indexcache=_args(
+            "--retention 0.5 --workers 1 --worker-cpus 0.5 --calib-windows 4 --heldout-windows 8 --no-overlap"
+        ),
+        kvtuner=_args(
+            "--corpus stdlib --task text --length 80 --continuation 16 --group 16 --residual 16 --calib-n 2 "
+            "--valid-n 2 --report-n 4 --num-samples 2 --population 2 --clusters 2 --baselines KV4 K4V2 "
+            "--actors 1 --cpus-per-actor 1 --no-fidelity2"
+        ),
+        kv_budget=3.25,
+        prefixkv=_args(
+            "--corpus stdlib --data text --samples 2 --workers 1 --cpus-per-worker 1 --context 128 --continuation 16 "
+            "--scores window --eval-samples 4 --batch-size 4"
+        ),
+        keep_ratio=0.5,
+        retrieval=_args("--records 2 2 --lengths 96 --calib-n 4 --n 8 --external-n 0 --threads 1 --min-em 0.01"),
+        retention=0.5,
+        budgets_s={"train_moe": 45, "indexcache": 20, "kvtuner": 75, "prefixkv": 25, "retrieval": 20, "serve": 45},
     )
 
 
 PRESETS = {"full": full, "smoke": smoke}
 
 
-class Stages:
-    """Prints each stage with its budget and elapsed time, so progress is visible throughout."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.i, self.t0, self.times = n, 0, time.perf_counter(), {}
-
-    def run(self, name: str, budget: int, fn, *args, **kwargs):
-        self.i += 1
-        print(
-            f"\n=== [{self.i}/{self.n}] {name} (budget {budget} s, {time.perf_counter() - self.t0:.0f} s so far)",
-            flush=True,
-        )
-        t = time.perf_counter()
-        out = fn(*args, **kwargs)
-        took = time.perf_counter() - t
-        self.times[name] = took
-        flag = "" if took <= budget else f"  (over budget by {took - budget:.0f} s)"
-        print(f"=== {name}: {took:.0f} s{flag}", flush=True)
-        return out
-
-
-def trained(tc: TrainConfig, retrain: bool, run_name: str) -> str:
-    """Run id of a model trained with exactly this config, training it unless one exists."""
+def trained(tc: TrainConfig, retrain: bool, run_name: str) -> tuple[str, bool]:
+    """(run id of a model trained with exactly this config, whether it was reused)."""
     if not retrain:
         found = train_moe.find_trained(tc)
         if found:
             print(f"reusing model runs:/{found}/model (same config and corpus; --retrain to train anew)")
-            return found
-    return train_moe.run(tc, run_name=run_name)
+            return found, True
+    return train_moe.run(tc, run_name=run_name), False
 
 
-def latest(pipeline: str) -> str:
+def child(parent: str, pipeline: str) -> str:
+    """The newest run of `pipeline` nested under the demo's parent run."""
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking.tracking_uri())
-    exps = [e.experiment_id for e in client.search_experiments()]
+    exp = client.get_run(parent).info.experiment_id
     runs = client.search_runs(
-        exps, filter_string=f"tags.pipeline = '{pipeline}'", order_by=["attributes.start_time DESC"], max_results=1
+        [exp],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.pipeline = '{pipeline}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
+    if not runs:
+        raise RuntimeError(f"the {pipeline} stage logged no run under the demo run {parent}")
     return runs[0].info.run_id
 
 
-def metrics(run_id: str) -> dict[str, float]:
-    return MlflowClient(tracking.tracking_uri()).get_run(run_id).data.metrics
+def run_stages(preset: DemoPreset, console: Console, parent: str, work: Path, retrain: bool, serve: bool) -> dict:
+    """Every stage, in order; returns {stage: run id or result} for the summary."""
+    from benchmarks import kv_retrieval
+    from pipelines import indexcache, kvtuner, prefixkv
+
+    n = len(STAGES) - (0 if serve else 1)
+    b = preset.budgets_s
+    runs: dict = {}
+    name = f"{preset.name}"
+    moe_run, reused = console.stage(
+        1,
+        n,
+        "train DSA-MoE (BIP, expert parallel x2)",
+        b["train_moe"],
+        trained,
+        preset.moe,
+        retrain,
+        f"demo-{name}-dsa-moe-bip-ep2",
+    )
+    runs["train_moe"], runs["train_moe_reused"] = moe_run, reused
+    moe_model = f"runs:/{moe_run}/model"
+    console.stage(
+        2,
+        n,
+        "IndexCache greedy search (DSA-MoE)",
+        b["indexcache"],
+        indexcache.main,
+        ["--model", moe_model, "--run-name", f"demo-{name}-indexcache-dsa-moe", *preset.indexcache],
+    )
+    runs["indexcache"] = child(parent, "indexcache")
+    kvt_dir = work / "kvtuner"
+    kvt = console.stage(
+        3,
+        n,
+        f"KVTuner on {REAL_MODEL} (<= {preset.kv_budget:g} bits)",
+        b["kvtuner"],
+        kvtuner.main,
+        [
+            "--model",
+            REAL_MODEL,
+            "--budget",
+            str(preset.kv_budget),
+            "--run-name",
+            f"demo-{name}-kvtuner-{REAL_MODEL}-text",
+            "--work-dir",
+            str(kvt_dir),
+            *preset.kvtuner,
+        ],
+    )
+    runs["kvtuner"] = kvt["run_id"]
+    runs["prefixkv"] = console.stage(
+        4,
+        n,
+        f"PrefixKV on {REAL_MODEL} (keep {preset.keep_ratio:g})",
+        b["prefixkv"],
+        prefixkv.main,
+        [
+            "--model",
+            REAL_MODEL,
+            "--eval-ratios",
+            str(preset.keep_ratio),
+            "--run-name",
+            f"demo-{name}-prefixkv-{REAL_MODEL}-text",
+            *preset.prefixkv,
+        ],
+    )
+    console.stage(
+        5,
+        n,
+        f"retrieval with both caches on {REAL_MODEL}",
+        b["retrieval"],
+        kv_retrieval.main,
+        [
+            "--kvtuner",
+            str(kvt_dir),
+            "--prefixkv",
+            f"runs:/{runs['prefixkv']}/prefixkv.json",
+            "--work-dir",
+            str(work / "retrieval"),
+            "--ratios",
+            str(preset.keep_ratio),
+            *preset.retrieval,
+        ],
+    )
+    runs["retrieval"] = child(parent, "kv_retrieval")
+    if serve:
+        from pipelines.demo_serve import serve_and_query
+
+        runs["serve"] = console.stage(
+            6,
+            n,
+            f"serve {REAL_MODEL}: calibrated beside full (openai client)",
+            b["serve"],
+            serve_and_query,
+            REAL_MODEL,
+            runs["kvtuner"],
+            preset.kv_budget,
+            runs["prefixkv"],
+            preset.keep_ratio,
+        )
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="full", choices=sorted(PRESETS), help="full chain or a 2-minute smoke run")
-    p.add_argument("--retrain", action="store_true", help="train models even if the same config was trained before")
-    p.add_argument("--no-serve", action="store_true", help="skip starting the Serve application")
-    args = p.parse_args(argv)
-    preset = PRESETS[args.preset]()
-    from pipelines import indexcache, kvtuner, prefixkv
+    p.add_argument("--preset", default="full", choices=sorted(PRESETS), help="full chain or the 3-minute smoke run")
+    p.add_argument("--retrain", action="store_true", help="train the DSA-MoE model even if this config was trained")
+    p.add_argument("--no-serve", action="store_true", help="skip the serving stage")
+    p.add_argument("--log", type=Path, default=None, help="log file (default artifacts/demo/<preset>-<run id>.log)")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("--quiet", action="store_true", help="print only the verdict table")
+    loud.add_argument("--verbose", action="store_true", help="print every pipeline's own output too")
+    a = p.parse_args(argv)
+    preset = PRESETS[a.preset]()
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.demo_summary import summarize
     from workers.runtime.cluster import init_ray
 
-    tracking.check_store()  # before Ray: an unwritable store fails now, naming its path
-    init_ray()
-    st = Stages(7 if not args.no_serve else 6)
-    t0 = time.perf_counter()
-    moe_run = st.run(
-        "train DSA-MoE (BIP, expert parallel x2)",
-        preset.budgets_s["train_moe"],
-        trained,
-        preset.moe,
-        args.retrain,
-        f"demo-{preset.name}-dsa-moe",
-    )
-    moe_model = f"runs:/{moe_run}/model"
-    st.run(
-        "IndexCache greedy search",
-        preset.budgets_s["indexcache"],
-        indexcache.main,
-        ["--model", moe_model, *preset.indexcache],
-    )
-    ic_run = latest("indexcache")
-    tb_run = st.run(
-        "train retrieval testbed",
-        preset.budgets_s["train_testbed"],
-        trained,
-        preset.testbed,
-        args.retrain,
-        f"demo-{preset.name}-testbed",
-    )
-    tb_model = f"runs:/{tb_run}/model"
+    uri = tracking.check_store()  # before Ray: an unwritable store fails now, naming its path
+    exp = tracking.setup(EXPERIMENT)
+    client = MlflowClient(uri)
+    tags = {"pipeline": "demo", "git_commit": tracking.git_commit(), **tracking.versions()}
+    parent = client.create_run(exp, run_name=f"demo-{preset.name}", tags=tags).info.run_id
+    budgets = {f"budget_s.{k}": v for k, v in preset.budgets_s.items()}
+    tracking.log_params({"preset": preset.name, **budgets}, run_id=parent)
+    work = tracking.ARTIFACTS / "demo" / parent
+    log = a.log or tracking.ARTIFACTS / "demo" / f"{preset.name}-{parent[:8]}.log"
+    verbosity = "quiet" if a.quiet else "verbose" if a.verbose else "normal"
+    print(f"calibray demo ({preset.name}), MLflow run {parent} in experiment '{EXPERIMENT}'; log: {log}", flush=True)
+    status = "FAILED"
+    try:
+        with Console(log, verbosity) as console, tracking.nested_under(parent, EXPERIMENT):
+            init_ray()
+            try:
+                runs = run_stages(preset, console, parent, work, a.retrain, not a.no_serve)
+                text, table = summarize(runs, preset, console.times, console.elapsed())
+            finally:
+                import ray
 
-    def kv_both():
-        # One work dir per model: a retrained model must not resume another model's search.
-        text = kvtuner.main(
-            [
-                "--model",
-                moe_model,
-                "--run-name",
-                f"demo-{preset.name}-kvtuner-text",
-                "--work-dir",
-                f"artifacts/demo/{preset.name}/kvtuner-text-{moe_run[:8]}",
-                *preset.kvtuner_text,
-            ]
-        )["run_id"]
-        ret = None
-        if preset.kvtuner_retrieval:
-            ret = kvtuner.main(
-                [
-                    "--model",
-                    tb_model,
-                    "--run-name",
-                    f"demo-{preset.name}-kvtuner-retrieval",
-                    "--work-dir",
-                    f"artifacts/demo/{preset.name}/kvtuner-retrieval-{tb_run[:8]}",
-                    *preset.kvtuner_retrieval,
-                ]
-            )["run_id"]
-        return text, ret
-
-    kv_text, kv_ret = st.run("KVTuner (demo model + testbed)", preset.budgets_s["kvtuner"], kv_both)
-
-    def pkv_both():
-        text = prefixkv.main(
-            [
-                "--model",
-                moe_model,
-                "--experiment",
-                "calibray",
-                "--run-name",
-                f"demo-{preset.name}-prefixkv-text",
-                *preset.prefixkv_text,
-            ]
-        )
-        ret = None
-        if preset.prefixkv_retrieval:
-            ret = prefixkv.main(
-                [
-                    "--model",
-                    tb_model,
-                    "--experiment",
-                    "calibray",
-                    "--run-name",
-                    f"demo-{preset.name}-prefixkv-retrieval",
-                    *preset.prefixkv_retrieval,
-                ]
-            )
-        return text, ret
-
-    pkv_text, pkv_ret = st.run("PrefixKV (demo model + testbed)", preset.budgets_s["prefixkv"], pkv_both)
-    runs = {
-        "train_moe": moe_run,
-        "indexcache": ic_run,
-        "testbed": tb_run,
-        "kvtuner_text": kv_text,
-        "kvtuner_retrieval": kv_ret,
-        "prefixkv_text": pkv_text,
-        "prefixkv_retrieval": pkv_ret,
-    }
-    served = None
-    if not args.no_serve:
-        from pipelines.demo_serve import serve_and_query
-
-        served = st.run(
-            "Serve with calibrated configs", preset.budgets_s["serve"], serve_and_query, runs, preset.serve_retention
-        )
-    from pipelines.demo_summary import print_summary
-
-    print_summary(runs, served, time.perf_counter() - t0, st.times)
-    (tracking.REPO_ROOT / "artifacts" / "demo").mkdir(parents=True, exist_ok=True)
-    (tracking.REPO_ROOT / "artifacts" / "demo" / f"{preset.name}_runs.json").write_text(json.dumps(runs, indent=2))
+                ray.shutdown()  # inside the redirect: Ray's last forwarded worker lines go to the log too
+            console.say(text, always=True)
+        client.log_text(parent, text, "summary.md")
+        client.log_text(parent, json.dumps({"runs": runs, "table": table}, indent=1, default=str), "summary.json")
+        stage_s = {f"stage_s.{tracking.metric_key(k)}": v for k, v in console.times.items()}
+        tracking.log_metrics({**stage_s, "total_s": console.elapsed()}, run_id=parent)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent, status)
+        if status == "FAILED":
+            print(f"demo FAILED; the log {log} has every stage's output", file=sys.stderr, flush=True)
     return 0
 
 

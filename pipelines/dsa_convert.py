@@ -61,7 +61,7 @@ class ConvertConfig:
     cpus_per_worker: float = 2.0
     threads: int = 2
     log_every: int = 10
-    experiment: str = "calibray"
+    experiment: str | None = None
     tags: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cpus-per-worker", type=float, default=2.0, help="Ray CPUs (and torch threads) per worker")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the driver's reports")
     p.add_argument("--log-every", type=int, default=10, help="MLflow metrics every N steps")
-    p.add_argument("--experiment", default="calibray", help="MLflow experiment name")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the pipeline's own)")
     a = p.parse_args(argv)
     tracking.check_store()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

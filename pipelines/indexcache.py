@@ -109,7 +109,8 @@ class IndexCacheConfig:
     threads: int = 1
     max_steps: int = 0  # 0: run to the end; else stop (resumably) after this many steps
     overlap: bool = True
-    experiment: str = "calibray"
+    experiment: str | None = None
+    run_name: str | None = None
     tags: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -281,9 +282,11 @@ def run(
     params = {**{k: v for k, v in asdict(cfg).items() if k != "tags"}, "n_layers": n, "seq_len_resolved": seq_len}
     params.update({"topk": model.cfg.indexer.topk, "model_type": getattr(model.cfg, "model_type", "calib")})
     params.update(data.summary)
+    retentions = "r" + ",".join(f"{r:g}" for r in cfg.retentions)
     with tracking.start_run(
         "indexcache",
         experiment=cfg.experiment,
+        run_name=cfg.run_name or tracking.run_label("indexcache", cfg.model, retentions),
         run_id=resume,
         params=params,
         tags={"corpus_sha256": data.summary["corpus_sha256"], **cfg.tags},
@@ -409,7 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch threads per actor (default 1)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many greedy steps (resumable)")
     p.add_argument("--no-overlap", action="store_true", help="skip the top-k overlap matrix")
-    p.add_argument("--experiment", default="calibray", help="MLflow experiment name")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the pipeline's own)")
+    p.add_argument("--run-name", default=None, help="MLflow run name (default: indexcache-<model>-r<retentions>)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue the stopped search of this MLflow run")
     p.add_argument(
         "--from-search",
@@ -459,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
             distill_retentions=tuple(a.distill_retention),
             overlap=not a.no_overlap,
             experiment=a.experiment,
+            run_name=a.run_name,
             **{k: v for k, v in runtime.items() if v is not None},
         )
         if src is not None:

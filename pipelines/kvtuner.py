@@ -214,7 +214,10 @@ def main(argv=None) -> dict:
         "model_dtype": dtype_name(cfg.dtype),
     }
     tags = {"corpus_sha256": corpus.sha256, "task": cfg.task}
-    with tracking.start_run(PIPELINE, run_name=cfg.run_name, params=params, tags=tags, run_id=run_id) as run:
+    name = cfg.run_name or tracking.run_label(
+        PIPELINE, cfg.model, cfg.task, "b" + ",".join(f"{b:g}" for b in cfg.budget)
+    )
+    with tracking.start_run(PIPELINE, run_name=name, params=params, tags=tags, run_id=run_id) as run:
         run_file.write_text(run.info.run_id)
         init_ray(log_to_driver=False)  # as before this used init_ray: actor and trial logs stay in Ray's session logs
         out = _run(cfg, work, n_layers, head_dim, n_kv_heads, calib, valid, report)

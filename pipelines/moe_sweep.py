@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial")
-    p.add_argument("--experiment", default="calibray", help="MLflow experiment name")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the pipeline's own)")
     p.add_argument("--run-name", help="MLflow parent run name")
     p.add_argument("--resume", metavar="RUN_ID", help="finish the sweep of this parent MLflow run")
     return p
@@ -112,6 +112,7 @@ def log_child(client: MlflowClient, parent, trial: dict, cfg: ExperimentConfig) 
             "mlflow.parentRunId": parent.info.run_id,
             "pipeline": "moe_sweep",
             "git_commit": tracking.git_commit(),
+            **tracking.versions(),
             "corpus_sha256": trial["corpus_sha256"],
             "trial": f"{arm}/{seed}",
         },
@@ -142,7 +143,7 @@ def run(
     *,
     max_concurrent: int = 2,
     cpus_per_trial: float = 1.0,
-    experiment: str = "calibray",
+    experiment: str | None = None,
     run_name: str | None = None,
     resume: str | None = None,
     preset: str = "custom",

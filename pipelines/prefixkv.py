@@ -198,7 +198,7 @@ def parse_args(argv=None) -> RunConfig:
     )
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per actor (fractions ok)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray GPUs per actor")
-    p.add_argument("--experiment", default="prefixkv", help="MLflow experiment name")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the pipeline's own)")
     p.add_argument("--run-name", default=None, help="MLflow run name")
     p.add_argument("--resume", default=None, help="run id of an interrupted run: skip its finished samples")
     a = p.parse_args(argv)
@@ -373,7 +373,8 @@ def main(argv=None) -> str:
         tracking.start_run(
             "prefixkv",
             experiment=cfg.experiment,
-            run_name=cfg.run_name,
+            run_name=cfg.run_name
+            or tracking.run_label("prefixkv", cfg.model, cfg.data, f"keep{params['eval_ratios']}"),
             params=params,
             tags=tags,
             run_id=cfg.resume,

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="retrieval warm-up stages, comma-separated filler:length:min-max records:q<queries>:steps "
         "(e.g. blank:64:1-1:q1:1000,text:64:2-4:q3:1000), or none",
     )
-    p.add_argument("--experiment", default="calibray", help="MLflow experiment name")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the pipeline's own)")
     p.add_argument("--run-name", help="MLflow run name")
     p.add_argument(
         "--resume", metavar="RUN_ID", help="continue the training of this MLflow run from its last checkpoint"
@@ -148,14 +148,16 @@ def config_sha(tc: TrainConfig, corpus_sha: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def find_trained(tc: TrainConfig, experiment: str = "calibray") -> str | None:
-    """The newest FINISHED run that trained exactly this config on this corpus, if any."""
+def find_trained(tc: TrainConfig) -> str | None:
+    """The newest FINISHED run, in any experiment of the store, that trained exactly this config on
+    this corpus (a model the demo trained is found by `train_moe` and the other way round)."""
     from mlflow.tracking import MlflowClient
 
-    exp_id = tracking.setup(experiment)
+    tracking.setup()
     sha = config_sha(tc, load_corpus(tc.corpus).sha256)
-    runs = MlflowClient(tracking.tracking_uri()).search_runs(
-        [exp_id],
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
         filter_string=f"tags.config_sha = '{sha}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
@@ -166,7 +168,7 @@ def find_trained(tc: TrainConfig, experiment: str = "calibray") -> str | None:
 def run(
     tc: TrainConfig,
     *,
-    experiment: str = "calibray",
+    experiment: str | None = None,
     run_name: str | None = None,
     resume: str | None = None,
     storage_uri: str | None = None,

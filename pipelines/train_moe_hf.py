@@ -94,7 +94,7 @@ def final_report(tc: HFMoETrainConfig, ckpt_dir: Path, windows: torch.Tensor, to
 def run(
     tc: HFMoETrainConfig,
     *,
-    experiment: str = "calibray",
+    experiment: str | None = None,
     run_name: str | None = None,
     resume: str | None = None,
     storage_uri: str | None = None,

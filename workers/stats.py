@@ -32,6 +32,35 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     return mean_se(float(x) - float(y) for x, y in zip(a, b))
 
 
+Z95 = 1.96  # two-sided 95% normal interval on a mean over many examples
+
+
+def ci95(diff: float, se: float) -> tuple[float, float]:
+    """The 95% interval of a paired difference (normal: the examples are many)."""
+    return diff - Z95 * se, diff + Z95 * se
+
+
+VERDICTS = ("met", "not met", "within noise")
+
+
+def verdict(diff: float, se: float, *, higher_is_better: bool = False, margin: float = 0.0) -> str:
+    """The one verdict rule of the docs and the demo, for diff = method - baseline (paired).
+
+    The claim is "the method is better than the baseline" (margin 0) or "no worse than it by more
+    than `margin`" (a non-inferiority margin, in the metric's units): "met" if the whole 95% CI is
+    on the claim's side of the margin, "not met" if the whole CI is on the other side, otherwise
+    "within noise". An SE of 0 (a deterministic measurement) makes the CI a point.
+    """
+    if math.isnan(diff) or math.isnan(se):
+        return "within noise"
+    lo, hi = ci95(-diff, se) if higher_is_better else ci95(diff, se)  # as "lower is better"
+    if hi < margin:
+        return "met"
+    if lo > margin:
+        return "not met"
+    return "within noise"
+
+
 def _cell(value, number: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""

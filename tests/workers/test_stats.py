@@ -71,3 +71,19 @@ def test_prefixkv_results_table_is_unchanged():
         "| uniform-sum@0.2 | 2.6667 | 0.7265 | full@1 | 0.3333 | 0.1667 |\n"
         "| prefixkv-sum@0.2 | 2.5833 | 0.9825 | uniform-sum@0.2 | -0.0833 | 0.3005 |\n"
     )
+
+
+def test_one_verdict_rule_for_superiority_and_non_inferiority():
+    from workers.stats import verdict
+
+    assert verdict(-0.05, 0.01) == "met"  # lower is better, whole CI below 0
+    assert verdict(0.05, 0.01) == "not met"
+    assert verdict(-0.01, 0.01) == "within noise"  # CI [-0.030, +0.010] spans 0
+    assert verdict(0.05, 0.01, higher_is_better=True) == "met"
+    assert verdict(-0.05, 0.01, higher_is_better=True) == "not met"
+    # non-inferiority: +0.004 +- 0.002 costs something, but its upper bound (0.0079) is inside 0.01
+    assert verdict(0.004, 0.002, margin=0.01) == "met"
+    assert verdict(0.016, 0.003, margin=0.01) == "not met"  # the SmolLM2 3.23-bit map: CI [0.010, 0.022]
+    assert verdict(0.009, 0.003, margin=0.01) == "within noise"
+    assert verdict(-0.01, 0.005, higher_is_better=True, margin=0.02) == "met"  # loses 0.01, CI inside 0.02
+    assert verdict(0.0, 0.0, higher_is_better=True) == "within noise"  # a tie is not a win

@@ -112,10 +112,13 @@ def check_store(uri: str | None = None) -> str:
     return uri
 
 
-def setup(experiment: str) -> str:
-    """Point MLflow at the tracking URI and make sure ``experiment`` exists; returns its id."""
+def setup(experiment: str | None = None) -> str | None:
+    """Point MLflow at the tracking URI and make sure ``experiment`` exists; returns its id (None:
+    only point MLflow at the store)."""
     uri = check_store()
     mlflow.set_tracking_uri(uri)
+    if experiment is None:
+        return None
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
@@ -154,6 +157,22 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_")
 
 
+def model_label(address: str) -> str:
+    """A model address as a run-name part: `runs:/<id>/model` -> `run<id[:8]>`, a path -> its last
+    component, a shipped name as is."""
+    a = str(address).rstrip("/")
+    m = re.match(r"^runs:/([0-9a-f]{8})", a)
+    if m:
+        return f"run{m.group(1)}"
+    return Path(a.removeprefix("hf:")).name
+
+
+def run_label(method: str, model: str, *settings: str) -> str:
+    """The one shape of a default run name: what ran, on which model, at which setting
+    (e.g. `kvtuner-smollm2-135m-text-b3.25`), so the MLflow run list reads without opening runs."""
+    return "-".join([method, model_label(model), *(s for s in settings if s)])
+
+
 def log_report(result: dict, markdown: str, stem: str) -> None:
     """A benchmark's whole result as <stem>.json and its printed table as <stem>.md, on the active run."""
     mlflow.log_text(json.dumps(result, indent=1), f"{stem}.json")
@@ -170,6 +189,35 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
 
 
 _RUNS_STARTED = 0
+# (run id, experiment) of the run every start_run nests under while `nested_under` is active: the
+# demo's parent. A tag, not MLflow's active-run stack, so each pipeline keeps its own `with` block.
+_PARENT: tuple[str, str] | None = None
+VERSIONED = ("torch", "transformers", "ray", "mlflow", "deepspeed", "triton")
+
+
+def versions() -> dict[str, str]:
+    """`version.<package>` tags: what produced a run, recorded on every run."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[f"version.{name}"] = version(name)
+        except PackageNotFoundError:
+            out[f"version.{name}"] = "absent"
+    return out
+
+
+@contextlib.contextmanager
+def nested_under(run_id: str, experiment: str) -> Iterator[None]:
+    """Inside this block every `start_run` lands in `experiment` as a child of `run_id` (the MLflow
+    UI's nesting), whatever experiment its pipeline would have chosen."""
+    global _PARENT
+    before, _PARENT = _PARENT, (run_id, experiment)
+    try:
+        yield
+    finally:
+        _PARENT = before
 
 
 def runs_started() -> int:
@@ -181,7 +229,7 @@ def runs_started() -> int:
 def start_run(
     pipeline: str,
     *,
-    experiment: str = "calibray",
+    experiment: str | None = None,
     run_name: str | None = None,
     params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
@@ -190,13 +238,16 @@ def start_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that ends FINISHED, or FAILED (keeping what it logged) on any exception.
 
-    ``run_id`` resumes an existing run (a run killed outright stays RUNNING; resuming it is how it
-    gets a proper end).
+    ``experiment`` defaults to the pipeline's name (one experiment per pipeline); inside
+    `nested_under` the run goes to the parent's experiment, as its child. ``run_id`` resumes an
+    existing run (a run killed outright stays RUNNING; resuming it is how it gets a proper end).
     """
     global _RUNS_STARTED
-    exp_id = setup(experiment)  # an unusable store is bad input: nothing started yet
+    all_tags = {"pipeline": pipeline, "git_commit": git_commit(), **versions(), **(tags or {})}
+    if _PARENT is not None:
+        all_tags["mlflow.parentRunId"], experiment = _PARENT
+    exp_id = setup(experiment or pipeline)  # an unusable store is bad input: nothing started yet
     _RUNS_STARTED += 1  # from here on an error is the run's failure, not bad input (workers.runtime.cli)
-    all_tags = {"pipeline": pipeline, "git_commit": git_commit(), **(tags or {})}
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else exp_id,

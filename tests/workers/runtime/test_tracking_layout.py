@@ -1,0 +1,44 @@
+"""The MLflow layout a user browses: one experiment per pipeline, versions on every run, the demo's
+runs nested under one parent (real MLflow, the session's SQLite store)."""
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from workers.runtime import tracking
+
+
+@pytest.fixture
+def client(mlflow_uri):
+    return MlflowClient(mlflow_uri)
+
+
+def test_a_pipeline_run_lands_in_its_own_experiment_with_the_versions_that_made_it(client):
+    import torch
+    import transformers
+
+    with tracking.start_run("layout_probe_pipeline") as run:
+        pass
+    got = client.get_run(run.info.run_id)
+    assert client.get_experiment(got.info.experiment_id).name == "layout_probe_pipeline"
+    assert got.data.tags["version.torch"] == torch.__version__
+    assert got.data.tags["version.transformers"] == transformers.__version__
+    assert got.data.tags["version.mlflow"] == mlflow.__version__
+    assert {f"version.{p}" for p in tracking.VERSIONED} <= set(got.data.tags)
+
+
+def test_runs_inside_nested_under_are_children_in_the_parents_experiment(client):
+    exp = tracking.setup("layout-demo")
+    parent = client.create_run(exp, run_name="demo-parent").info.run_id
+    with (
+        tracking.nested_under(parent, "layout-demo"),
+        tracking.start_run("layout_child_pipeline", experiment="elsewhere", run_name="child") as child,
+    ):
+        pass
+    with tracking.start_run("layout_child_pipeline") as after:  # outside the block: its own experiment again
+        pass
+    got = client.get_run(child.info.run_id)
+    assert got.info.experiment_id == exp
+    assert got.data.tags["mlflow.parentRunId"] == parent
+    assert "mlflow.parentRunId" not in client.get_run(after.info.run_id).data.tags
+    assert client.get_experiment(client.get_run(after.info.run_id).info.experiment_id).name == "layout_child_pipeline"
