@@ -112,10 +112,51 @@ def check_store(uri: str | None = None) -> str:
     return uri
 
 
+# MLflow stores each experiment's and run's artifact location as an absolute URI; these tables and
+# columns hold them (MLflow 3's schema), rewritten by `relocate` when the store has moved.
+LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+)
+
+
+def relocate(uri: str) -> str | None:
+    """A local store whose directory was moved (or copied) keeps working: locations recorded under
+    an artifact root that no longer exists are re-pointed at this store's own root, beside its
+    database. Returns the old root when it rewrote anything. Artifacts are thus found relative
+    to the store, wherever it lives; a tracking server (http) keeps its own locations."""
+    import sqlite3
+
+    root = _artifact_location(uri)
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
+    if root is None or db is None or not db.is_file():
+        return None
+    new = root.as_uri()
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        found = [r[0] for r in con.execute("SELECT DISTINCT artifact_location FROM experiments")]
+        olds = {loc for loc in found if loc and loc.startswith("file://") and loc != new}
+        olds = {o for o in olds if o.rstrip("/").endswith(root.name) and not Path(o.removeprefix("file://")).exists()}
+        if len(olds) != 1:
+            return None  # nothing moved, or several foreign roots: leave the store as it is
+        (old,) = olds
+        with con:
+            for table, column in LOCATION_COLUMNS:
+                con.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                    (new, len(old) + 1, len(old), old),
+                )
+        return old
+    finally:
+        con.close()
+
+
 def setup(experiment: str | None = None) -> str | None:
-    """Point MLflow at the tracking URI and make sure ``experiment`` exists; returns its id (None:
-    only point MLflow at the store)."""
+    """Point MLflow at the tracking URI (a moved local store re-pointed first: `relocate`) and make
+    sure ``experiment`` exists; returns its id (None: only point MLflow at the store)."""
     uri = check_store()
+    relocate(uri)
     mlflow.set_tracking_uri(uri)
     if experiment is None:
         return None

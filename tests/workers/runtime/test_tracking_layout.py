@@ -42,3 +42,20 @@ def test_runs_inside_nested_under_are_children_in_the_parents_experiment(client)
     assert got.data.tags["mlflow.parentRunId"] == parent
     assert "mlflow.parentRunId" not in client.get_run(after.info.run_id).data.tags
     assert client.get_experiment(client.get_run(after.info.run_id).info.experiment_id).name == "layout_child_pipeline"
+
+
+def test_a_moved_store_finds_its_artifacts(tmp_path, monkeypatch):
+    import shutil
+
+    a = tmp_path / "a"
+    a.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{a / 'mlruns.db'}")
+    with tracking.start_run("moved_store_probe") as run:
+        mlflow.log_text("kept", "notes/kept.txt")
+    shutil.move(str(a), str(tmp_path / "b"))  # the whole store: database and mlartifacts/
+    b_uri = f"sqlite:///{tmp_path / 'b' / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", b_uri)
+    assert tracking.relocate(b_uri) == (a / "mlartifacts").as_uri()
+    assert tracking.download(f"runs:/{run.info.run_id}/notes/kept.txt").read_text() == "kept"
+    assert MlflowClient(b_uri).get_run(run.info.run_id).info.artifact_uri.startswith((tmp_path / "b").as_uri())
+    assert tracking.relocate(b_uri) is None  # nothing left to move
