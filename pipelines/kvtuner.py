@@ -40,7 +40,7 @@ from workers.caches.precision import PREFILL_REGIMES
 from workers.kvtuner.actors import TrialDone, run_jobs, run_profile
 from workers.kvtuner.report import front_rows, plot_heatmap, plot_pareto, select_for_budget
 from workers.model.hf.address import ADDRESS_HELP, DTYPES, check_weights, dtype_name, load_tokenizer, model_shape
-from workers.runtime import cli, faults
+from workers.runtime import cli, faults, tracking
 from workers.runtime.cluster import init_ray
 from workers.runtime.pool import ActorPool
 from workers.stats import markdown_table, paired_difference
@@ -177,7 +177,6 @@ def check_work_dir(cfg: KVTunerConfig, work: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    from workers.runtime import tracking
 
     cfg = parse_args(argv)
     tracking.check_store()  # an unwritable store fails now, not after MLflow's minutes of retries
@@ -307,7 +306,7 @@ def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, 
         max_concurrent=cfg.actors,
         cpus_per_trial=cfg.cpus_per_actor,
         points=seeds,
-        callbacks=[TrialDone("kvtuner.trial_done")],
+        callbacks=[TrialDone("kvtuner.trial_done"), tracking.trial_runs(PIPELINE)],
     )
     metrics.update({f"search_{k}": float(v) for k, v in stats.items()})
     metrics["search_evaluated"] = float(len(rows))

@@ -49,6 +49,10 @@ def test_pipeline_end_to_end_and_resume(hf_llama, tmp_path, ray_local, mlflow_ur
     for b in ("4.0", "3.0"):
         assert m[f"chosen_b{b}_bits"] <= float(b)
     assert m["search_rejected_infeasible"] >= 0 and m["search_evaluated"] >= 1
+    # every Tune trial is a child run (written live by Tune's MLflow callback), its map as params
+    trials = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert len(trials) == m["search_evaluated"] and all(t.info.status == "FINISHED" for t in trials)
+    assert all("damage" in t.data.metrics and "g00" in t.data.params for t in trials)
     rows = json.loads((work / "out" / "search_rows.json").read_text())
     assert all(r["bits"] <= 4.0 for r in rows["rows"])
     assert len({tuple(r["key"]) for r in rows["rows"]}) == len(rows["rows"])  # no map evaluated twice

@@ -198,6 +198,19 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_")
 
 
+def trial_runs(pipeline: str):
+    """A Ray Tune callback that logs every trial live as an MLflow child run of the active run: its
+    config as params (the setting, never in a metric name), each reported result as metrics, ended
+    FINISHED or FAILED with the trial. Tune runs callbacks in the driver, the store's one writer."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    run = mlflow.active_run()
+    uri = tracking_uri()
+    experiment = MlflowClient(uri).get_experiment(run.info.experiment_id).name
+    tags = {"mlflow.parentRunId": run.info.run_id, "pipeline": f"{pipeline}_trial", **versions()}
+    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, tags=tags, save_artifact=False)
+
+
 def model_label(address: str) -> str:
     """A model address as a run-name part: `runs:/<id>/model` -> `run<id[:8]>`, a path -> its last
     component, a shipped name as is."""
