@@ -24,6 +24,25 @@ T = TypeVar("T")
 REDRAW_S = 2.0
 
 
+def _close_ray_bars() -> None:
+    """Close the progress bars Ray's tqdm still draws on the driver. A worker's last `close` can
+    race Ray's shutdown, and the driver redraws a bar it still holds on every later `print` (Ray
+    patches print), on the terminal once the descriptors are restored. Ray has no public call for
+    this: its manager's bar groups are reached directly."""
+    try:
+        from ray.experimental import tqdm_ray
+    except ImportError:
+        return
+    manager = tqdm_ray._manager
+    if manager is None:
+        return
+    with manager.lock:
+        for group in manager.bar_groups.values():
+            for bar in group.bars_by_uuid.values():
+                bar.bar.close()
+            group.bars_by_uuid.clear()
+
+
 class Console:
     """Stage lines on the terminal, the rest of the process's output in `log_path`.
 
@@ -56,6 +75,7 @@ class Console:
         return self
 
     def __exit__(self, *exc) -> None:
+        _close_ray_bars()
         sys.stdout.flush()
         sys.stderr.flush()
         if self._saved is not None:

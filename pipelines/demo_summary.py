@@ -175,7 +175,7 @@ def serve_row(served: dict) -> dict:
     full, cal = served["kv_bytes_full"], served["kv_bytes_calibrated"]
     n = len(served["answers"])
     return {
-        "claim": "the calibrated replica holds less KV cache for the same chat requests",
+        "claim": f"the calibrated replica (map + keep {served['calibrated_args']['keep_ratio']:g}) holds less KV cache",
         "metric": "KV bytes held",
         "method": str(cal),
         "baseline": f"full cache {full}",
