@@ -255,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     loud.add_argument("--verbose", action="store_true", help="print every pipeline's own output too")
     a = p.parse_args(argv)
     preset = PRESETS[a.preset]()
+    import logging
+
     from mlflow.tracking import MlflowClient
 
     from pipelines.demo_summary import summarize
     from workers.runtime.cluster import init_ray
-
-    import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its "creating tables" lines precede the log file
     uri = tracking.check_store()  # before Ray: an unwritable store fails now, naming its path

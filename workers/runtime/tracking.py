@@ -168,7 +168,9 @@ def setup(experiment: str | None = None) -> str | None:
     try:
         # the experiment kind MLflow's UI opens on: runs and metrics, not its GenAI trace overview
         tags = {"mlflow.experimentKind": "custom_model_development"}
-        return client.create_experiment(experiment, artifact_location=location.as_uri() if location else None, tags=tags)
+        return client.create_experiment(
+            experiment, artifact_location=location.as_uri() if location else None, tags=tags
+        )
     except mlflow.exceptions.MlflowException:
         return client.get_experiment_by_name(experiment).experiment_id  # created concurrently
 
