@@ -52,7 +52,7 @@ def pages(client: MlflowClient, parent: str) -> dict[str, str]:
     if "kvtuner" in by:
         out["kvtuner_run"] = f"#/experiments/{exp}/runs/{by['kvtuner']}"
     if "train_moe" in by:
-        out["model_artifacts"] = f"#/experiments/{exp}/runs/{by['train_moe']}/artifacts"
+        out["models"] = f"#/experiments/{exp}/models"  # the trained model, logged as an MLflow (pyfunc) model
     return out
 
 

@@ -23,7 +23,6 @@ from mlflow.tracking import MlflowClient
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DB = REPO_ROOT / "mlruns.db"
 ARTIFACTS = REPO_ROOT / "artifacts"  # pipelines' local outputs (Ray Train results, exports)
-DEFAULT_ARTIFACTS = ARTIFACTS / "mlflow"
 
 
 class TrackingError(ValueError):
@@ -49,13 +48,12 @@ def download(uri: str) -> Path:
 
 
 def _artifact_location(uri: str) -> Path | None:
-    """A local store keeps artifacts beside its database, not in the caller's working directory;
-    a tracking server decides for itself (None)."""
-    if uri.startswith("http"):
+    """A local store keeps artifacts beside its database (`mlartifacts/`), not in the caller's working
+    directory; a tracking server decides for itself (None). Decided by the URI alone: MLflow's
+    set_tracking_uri exports MLFLOW_TRACKING_URI, so a rule on that variable changed mid-process."""
+    if not uri.startswith("sqlite:///"):
         return None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        return DEFAULT_ARTIFACTS
-    return Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).parent / "mlartifacts"
 
 
 def _probe_dir(d: Path, what: str) -> None:
