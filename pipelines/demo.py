@@ -141,6 +141,16 @@ def child(parent: str, pipeline: str) -> str:
     return runs[0].info.run_id
 
 
+def close_killed(client, experiment_id: str) -> list[str]:
+    """Mark FAILED the demo runs (and their children) a kill left RUNNING: a demo killed outright
+    never reached its `finally`. Demos do not run side by side (they share Serve's port)."""
+    stale = client.search_runs([experiment_id], "attributes.status = 'RUNNING'")
+    for r in stale:
+        client.set_tag(r.info.run_id, "note", "left RUNNING by a killed demo; marked FAILED by the next demo")
+        client.set_terminated(r.info.run_id, "FAILED")
+    return [r.info.run_id for r in stale]
+
+
 def run_stages(preset: DemoPreset, console: Console, parent: str, work: Path, retrain: bool, serve: bool) -> dict:
     """Every stage, in order; returns {stage: run id or result} for the summary."""
     from benchmarks import kv_retrieval
@@ -267,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     exp = tracking.setup(EXPERIMENT)
     client = MlflowClient(uri)
     tags = {"pipeline": "demo", "git_commit": tracking.git_commit(), **tracking.versions()}
+    close_killed(client, exp)
     parent = client.create_run(exp, run_name=f"demo-{preset.name}", tags=tags).info.run_id
     budgets = {f"budget_s.{k}": v for k, v in preset.budgets_s.items()}
     tracking.log_params({"preset": preset.name, **budgets}, run_id=parent)

@@ -59,3 +59,15 @@ def test_a_moved_store_finds_its_artifacts(tmp_path, monkeypatch):
     assert tracking.download(f"runs:/{run.info.run_id}/notes/kept.txt").read_text() == "kept"
     assert MlflowClient(b_uri).get_run(run.info.run_id).info.artifact_uri.startswith((tmp_path / "b").as_uri())
     assert tracking.relocate(b_uri) is None  # nothing left to move
+
+
+def test_the_next_demo_marks_runs_a_killed_demo_left_running_failed(client):
+    from pipelines.demo import close_killed
+
+    exp = tracking.setup("layout-killed-demo")
+    killed = client.create_run(exp, run_name="demo-full").info.run_id  # never terminated: a kill
+    done = client.create_run(exp, run_name="demo-full").info.run_id
+    client.set_terminated(done, "FINISHED")
+    assert close_killed(client, exp) == [killed]
+    assert client.get_run(killed).info.status == "FAILED"
+    assert client.get_run(done).info.status == "FINISHED"
