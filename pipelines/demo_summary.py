@@ -88,7 +88,7 @@ def indexcache_row(run_id: str, retention: float) -> dict:
 
 def kvtuner_rows(run_id: str, budget: float) -> list[dict]:
     m = _run(run_id).data.metrics
-    me = f"kvtuner_b{budget:g}"
+    me = f"kvtuner_b{float(budget)}"  # the report's key: the float budget as written (3.25, 4.0)
     rows = [
         _row(
             f"KVTuner's <= {budget:g}-bit map costs < {KV_MARGIN} nats/token against full precision",
@@ -140,7 +140,7 @@ def prefixkv_row(run_id: str, keep: float) -> dict:
 def retrieval_rows(run_id: str, budget: float, keep: float) -> list[dict]:
     res = _artifact(run_id, "kv_retrieval.json")
     rows = {r["arm"]: r for r in res["rows"]}
-    full, me = rows["full"], rows[f"kvtuner_b{budget:g}"]
+    full, me = rows["full"], rows[f"kvtuner_b{float(budget)}"]
     pkv = next(r for a, r in rows.items() if a.startswith("prefixkv-") and a.endswith(f"@{keep:g}"))
     uni = next(r for a, r in rows.items() if a.startswith("uniform-") and a.endswith(f"@{keep:g}"))
     length = f"{res['length']} tokens, {res['n']} queries"

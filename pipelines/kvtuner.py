@@ -220,14 +220,37 @@ def main(argv=None) -> dict:
         run_file.write_text(run.info.run_id)
         init_ray(log_to_driver=False)  # as before this used init_ray: actor and trial logs stay in Ray's session logs
         out = _run(cfg, work, n_layers, head_dim, n_kv_heads, calib, valid, report)
-        for name in sorted(os.listdir(work / "out")):
-            mlflow.log_artifact(str(work / "out" / name))
+        for file in sorted(os.listdir(work / "out")):
+            mlflow.log_artifact(str(work / "out" / file))
         budgets_dir = work / "out_budgets"
         if budgets_dir.is_dir():
             mlflow.log_artifacts(str(budgets_dir), "budgets")
         tracking.log_metrics(out["metrics"])
+        log_budget_runs(run, name, out)
         out["run_id"] = run.info.run_id
     return out
+
+
+def log_budget_runs(run, name: str, out: dict) -> None:
+    """One child run per budget, the budget and its map as params and the metrics without the
+    budget in their names (workers.kvtuner.results.budget_metrics). A resumed run that already has a
+    budget's child keeps it."""
+    from mlflow.tracking import MlflowClient
+
+    from workers.kvtuner.results import budget_metrics
+
+    client = MlflowClient(tracking.tracking_uri())
+    exp, rid = run.info.experiment_id, run.info.run_id
+    have = {c.data.params.get("budget") for c in client.search_runs([exp], f"tags.mlflow.parentRunId = '{rid}'")}
+    for b, chosen in out["chosen"].items():
+        budget = f"{float(b):g}"
+        if budget in have:
+            continue
+        tags = {"mlflow.parentRunId": rid, "pipeline": f"{PIPELINE}_budget", **tracking.versions()}
+        child = client.create_run(exp, run_name=f"{name}-b{budget}", tags=tags).info.run_id
+        tracking.log_params({"budget": budget, "map": chosen}, run_id=child)
+        tracking.log_metrics(budget_metrics(out["metrics"], float(b)), run_id=child)
+        client.set_terminated(child, "FINISHED")
 
 
 def _run(cfg: KVTunerConfig, work: Path, n_layers, head_dim, n_kv_heads, calib, valid, report) -> dict:

@@ -50,9 +50,15 @@ def test_pipeline_end_to_end_and_resume(hf_llama, tmp_path, ray_local, mlflow_ur
         assert m[f"chosen_b{b}_bits"] <= float(b)
     assert m["search_rejected_infeasible"] >= 0 and m["search_evaluated"] >= 1
     # every Tune trial is a child run (written live by Tune's MLflow callback), its map as params
-    trials = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    kids = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    trials = [k for k in kids if k.data.tags["pipeline"] == "kvtuner_trial"]
     assert len(trials) == m["search_evaluated"] and all(t.info.status == "FINISHED" for t in trials)
     assert all("damage" in t.data.metrics and "g00" in t.data.params for t in trials)
+    # one child per budget: the budget a param, the same metric names at every budget (compare view)
+    per_budget = {k.data.params["budget"]: k.data.metrics for k in kids if k.data.tags["pipeline"] == "kvtuner_budget"}
+    assert set(per_budget) == {"4", "3"} and per_budget["3"].keys() == per_budget["4"].keys()
+    assert per_budget["3"]["delta_vs_full"] == m["delta_kvtuner_b3.0_vs_full"]
+    assert per_budget["3"]["chosen_bits"] == m["chosen_b3.0_bits"] and "heldout_KV4" in per_budget["3"]
     rows = json.loads((work / "out" / "search_rows.json").read_text())
     assert all(r["bits"] <= 4.0 for r in rows["rows"])
     assert len({tuple(r["key"]) for r in rows["rows"]}) == len(rows["rows"])  # no map evaluated twice
@@ -89,6 +95,8 @@ def test_pipeline_end_to_end_and_resume(hf_llama, tmp_path, ray_local, mlflow_ur
     assert (work / "profile.json").stat().st_mtime == mtime
     assert client.get_run(res["run_id"]).info.status == "FINISHED"
     assert res2["chosen"] == res["chosen"]
+    again = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert len([k for k in again if k.data.tags["pipeline"] == "kvtuner_budget"]) == 2  # not logged twice
 
 
 def test_work_dir_of_another_search_is_refused(tmp_path):

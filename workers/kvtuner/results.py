@@ -11,6 +11,7 @@ chosen - other in the task's unit: exact match (higher is better) or NLL in nats
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tuning.kvtuner.space import equivalent_bits, parse_pair
@@ -120,3 +121,29 @@ def final_report(
         metrics[f"chosen_b{b}_bits"] = _bits(row["map"])
         metrics[f"chosen_b{b}_mixed"] = float(len(set(row["map"].split(","))) > 1)
     return {"metrics": metrics, "rows": table, "comparisons": comps}
+
+
+def budget_metrics(metrics: dict[str, float], budget: float) -> dict[str, float]:
+    """The run's metrics as one budget's child run logs them: that budget's keys without the budget
+    in their names (`delta_kvtuner_b3.25_vs_full` -> `delta_vs_full`, `chosen_b3.25_bits` ->
+    `chosen_bits`), every budget-free key (uniform baselines, full precision) as is, other budgets'
+    keys left out; so runs at different budgets compare column by column in the MLflow UI."""
+    b = str(float(budget))  # final_report's keys: f"{b}" of the float budget (3.0, 3.25)
+    me, rev = f"kvtuner_b{b}", f"reversed_b{b}"
+    renames = [
+        (f"delta_{me}_vs_{rev}", "delta_vs_reversed"),
+        (f"delta_{me}_vs_", "delta_vs_"),
+        (f"heldout_{me}", "heldout_kvtuner"),
+        (f"heldout_{rev}", "heldout_reversed"),
+        (f"chosen_b{b}_", "chosen_"),
+    ]
+    out = {}
+    for key, value in metrics.items():
+        for old, new in renames:
+            if key.startswith(old):
+                out[new + key[len(old) :]] = value
+                break
+        else:
+            if not re.search(r"(kvtuner|reversed|chosen)_b[0-9.]+", key):
+                out[key] = value
+    return out
