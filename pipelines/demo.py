@@ -159,7 +159,7 @@ def run_stages(preset: DemoPreset, console: Console, parent: str, work: Path, re
     n = len(STAGES) - (0 if serve else 1)
     b = preset.budgets_s
     runs: dict = {}
-    name = f"{preset.name}"
+    name = preset.name
     moe_run, reused = console.stage(
         1,
         n,
@@ -276,9 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking.check_store()  # before Ray: an unwritable store fails now, naming its path
     exp = tracking.setup(EXPERIMENT)
     client = MlflowClient(uri)
-    tags = {"pipeline": "demo", "git_commit": tracking.git_commit(), **tracking.versions()}
     close_killed(client, exp)
-    parent = client.create_run(exp, run_name=f"demo-{preset.name}", tags=tags).info.run_id
+    parent = client.create_run(exp, run_name=f"demo-{preset.name}", tags=tracking.run_tags("demo")).info.run_id
     budgets = {f"budget_s.{k}": v for k, v in preset.budgets_s.items()}
     tracking.log_params({"preset": preset.name, **budgets}, run_id=parent)
     work = tracking.ARTIFACTS / "demo" / parent

@@ -27,14 +27,14 @@ def _artifact(run_id: str, path: str) -> dict:
     return json.loads(tracking.download(f"runs:/{run_id}/{path}").read_text())
 
 
-def _row(claim, metric, value, baseline, base_value, diff, se, run_id, *, higher=False, margin=0.0, unit="") -> dict:
+def _row(claim, metric, value, baseline, base_value, diff, se, run_id, *, higher=False, margin=0.0) -> dict:
     lo, hi = ci95(diff, se)
     return {
         "claim": claim,
         "metric": metric,
         "method": value,
         "baseline": f"{baseline} {base_value:.4g}" if base_value is not None else baseline,
-        "difference (95% CI)": f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]{unit}",
+        "difference (95% CI)": f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]",
         "verdict": verdict(diff, se, higher_is_better=higher, margin=margin),
         "run": run_id[:8],
         "run_id": run_id,

@@ -246,7 +246,7 @@ def log_budget_runs(run, name: str, out: dict) -> None:
         budget = f"{float(b):g}"
         if budget in have:
             continue
-        tags = {"mlflow.parentRunId": rid, "pipeline": f"{PIPELINE}_budget", **tracking.versions()}
+        tags = tracking.run_tags(f"{PIPELINE}_budget", **{"mlflow.parentRunId": rid})
         child = client.create_run(exp, run_name=f"{name}-b{budget}", tags=tags).info.run_id
         tracking.log_params({"budget": budget, "map": chosen}, run_id=child)
         tracking.log_metrics(budget_metrics(out["metrics"], float(b)), run_id=child)

@@ -108,14 +108,12 @@ def log_child(client: MlflowClient, parent, trial: dict, cfg: ExperimentConfig) 
     run = client.create_run(
         parent.info.experiment_id,
         run_name=f"{arm}-seed{seed}",
-        tags={
-            "mlflow.parentRunId": parent.info.run_id,
-            "pipeline": "moe_sweep",
-            "git_commit": tracking.git_commit(),
-            **tracking.versions(),
-            "corpus_sha256": trial["corpus_sha256"],
-            "trial": f"{arm}/{seed}",
-        },
+        tags=tracking.run_tags(
+            "moe_sweep",
+            **{"mlflow.parentRunId": parent.info.run_id},
+            corpus_sha256=trial["corpus_sha256"],
+            trial=f"{arm}/{seed}",
+        ),
     )
     rid = run.info.run_id
     params = {"arm": arm, "seed": seed, **{f"router.{k}": v for k, v in ARMS[arm].items()}}

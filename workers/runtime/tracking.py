@@ -47,13 +47,17 @@ def download(uri: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (query string dropped); None for any other store."""
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
+
+
 def _artifact_location(uri: str) -> Path | None:
     """A local store keeps artifacts beside its database (`mlartifacts/`), not in the caller's working
     directory; a tracking server decides for itself (None). Decided by the URI alone: MLflow's
     set_tracking_uri exports MLFLOW_TRACKING_URI, so a rule on that variable changed mid-process."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).parent / "mlartifacts"
+    db = _sqlite_path(uri)
+    return None if db is None else db.parent / "mlartifacts"
 
 
 def _probe_dir(d: Path, what: str) -> None:
@@ -84,7 +88,7 @@ def check_store(uri: str | None = None) -> str:
     uri = uri or tracking_uri()
     if not uri.startswith("sqlite:///"):
         return uri
-    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    db = _sqlite_path(uri)
     if not db.parent.is_dir():
         raise TrackingError(f"MLFLOW_TRACKING_URI={uri!r}: the directory {db.parent} does not exist")
     _probe_dir(db.parent, f"MLFLOW_TRACKING_URI={uri!r}: the store's directory")
@@ -127,7 +131,7 @@ def relocate(uri: str) -> str | None:
     import sqlite3
 
     root = _artifact_location(uri)
-    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
+    db = _sqlite_path(uri)
     if root is None or db is None or not db.is_file():
         return None
     new = root.as_uri()
@@ -209,7 +213,7 @@ def trial_runs(pipeline: str):
     run = mlflow.active_run()
     uri = tracking_uri()
     experiment = MlflowClient(uri).get_experiment(run.info.experiment_id).name
-    tags = {"mlflow.parentRunId": run.info.run_id, "pipeline": f"{pipeline}_trial", **versions()}
+    tags = run_tags(f"{pipeline}_trial", **{"mlflow.parentRunId": run.info.run_id})
     return MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, tags=tags, save_artifact=False)
 
 
@@ -264,6 +268,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+def run_tags(pipeline: str, **extra: str) -> dict[str, str]:
+    """What every run records about itself, however it is created (start_run, a sweep's or a
+    search's child runs, the demo's parent): its pipeline, the git commit, the versions."""
+    return {"pipeline": pipeline, "git_commit": git_commit(), **versions(), **extra}
+
+
 @contextlib.contextmanager
 def nested_under(run_id: str, experiment: str) -> Iterator[None]:
     """Inside this block every `start_run` lands in `experiment` as a child of `run_id` (the MLflow
@@ -299,7 +309,7 @@ def start_run(
     existing run (a run killed outright stays RUNNING; resuming it is how it gets a proper end).
     """
     global _RUNS_STARTED
-    all_tags = {"pipeline": pipeline, "git_commit": git_commit(), **versions(), **(tags or {})}
+    all_tags = run_tags(pipeline, **(tags or {}))
     if _PARENT is not None:
         all_tags["mlflow.parentRunId"], experiment = _PARENT
     exp_id = setup(experiment or pipeline)  # an unusable store is bad input: nothing started yet
@@ -326,7 +336,7 @@ def check_run(run_id: str, what: str = "--resume") -> None:
     """A run id the user gave names a run of this store; else a TrackingError naming both, raised
     without creating a store where there is none (MLflow makes an empty database on first query)."""
     uri = check_store()
-    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
+    db = _sqlite_path(uri)
     if db is not None and not db.is_file():
         raise TrackingError(f"{what} {run_id!r}: no such run, the MLflow store {db} does not exist")
     try:
