@@ -45,6 +45,16 @@ full cache reproduces the run's logged full-cache NLL on every window, and hands
 run's per-window NLL of each arm (PrefixKV, uniform, pyramid, recency, random) to the kvpress
 half, which scores only its presses and the full cache on them. The kvpress rows are then paired
 against the run's own arms on the same windows; the calibray arms are not recomputed.
+
+`--retrieval-run <work dir>` does the same for a finished `benchmarks.kv_retrieval` run (its
+`--work-dir`): the first `--samples` of its held-out queries are rebuilt in the model's tokens
+from the run's params and chosen length, our full cache must give the run's logged answer on
+every one of them, and the kvpress half prefills each prompt minus its last token under each
+press (the run's protocol: the question is inside the compressed prefill, as the run's `window`
+scoring saw it), then decodes the last prompt token and the value tokens one by one. The presses'
+exact match is paired against the run's own arms (uniform budget, PrefixKV) on the same queries;
+both environments' full caches must also give the same greedy value tokens (argmax at every value
+position) on every query.
 """
 
 from __future__ import annotations
@@ -205,6 +215,171 @@ def _retrieval_rows(a, ratios, run) -> dict:
     return rows
 
 
+def retrieval_run_queries(work: str, n: int):
+    """A finished benchmarks.kv_retrieval run (its --work-dir) -> (model address, prompt [n, L-V],
+    value [n, V], {arm: per-query hits} as it logged them) for its first `n` held-out queries."""
+    import ast
+
+    from benchmarks.kvtuner_libraries import run_params
+    from workers.data.retrieval import eval_set
+    from workers.model.hf.address import load_tokenizer
+
+    work = Path(work)
+    run_id = (work / "run_id").read_text().strip()
+    import mlflow
+
+    p = mlflow.get_run(run_id).data.params
+    model = run_params(Path(p["kvtuner"]))[1]["model"]
+    length = json.loads((work / "length.json").read_text())["length"]
+    lo, hi = ast.literal_eval(p["records"])
+    n = min(n, int(p["n"]))
+    es = eval_set(
+        load_corpus(p["corpus"]).heldout,
+        n=int(p["n"]),
+        length=length,
+        seed=int(p["seed"]) + 1,
+        split="heldout",
+        tokenizer=load_tokenizer(model),
+        min_records=lo,
+        max_records=hi,
+    )
+    logged: dict[str, list[int]] = {}
+    for line in (work / "batches.jsonl").read_text().splitlines():
+        for k, v in json.loads(line)["hits"].items():
+            logged.setdefault(k, []).extend(v)
+    if len(logged.get("full", [])) < n:
+        raise ValueError(f"--retrieval-run {work}: {len(logged.get('full', []))} queries logged, {n} asked")
+    return run_id, model, es.prompt[:n], es.value[:n], {k: v[:n] for k, v in logged.items() if len(v) >= n}
+
+
+def _greedy(logits, value) -> list[list[int]]:
+    """The argmax token at each value position (value tokens teacher-forced): [N][V]."""
+    return logits[:, -value.shape[1] :].argmax(-1).tolist()
+
+
+def calibray_retrieval_run_half(a) -> dict:
+    """--retrieval-run: the run's queries rebuilt, our full cache on them (its answers checked
+    against the run's), the run's per-query hits per arm; the tokens go to the kvpress half."""
+    import transformers
+
+    from workers.caches.protocol import DynamicCache
+    from workers.eval import continuation_logits
+    from workers.model.hf.address import load_any, local_dir
+
+    run_id, model_addr, prompt, value, logged = retrieval_run_queries(a.retrieval_run, a.samples)
+    model = load_any(model_addr)
+    hits, greedy = [], []
+    for i in range(0, prompt.shape[0], a.batch):
+        c, y = prompt[i : i + a.batch], value[i : i + a.batch]
+        lg = continuation_logits(model, c, y, make_cache=lambda: DynamicCache(model.cfg.n_layers))
+        hits += exact_match(lg, y)
+        greedy += _greedy(lg, y)
+        print(f"calibray full cache: {i + len(c)}/{prompt.shape[0]} queries", file=sys.stderr, flush=True)
+    differ = sum(x != y for x, y in zip(hits, logged["full"]))
+    if differ:
+        raise RuntimeError(f"--retrieval-run {a.retrieval_run}: rebuilt queries change {differ} full-cache answers")
+    return {
+        "transformers": transformers.__version__,
+        "run_id": run_id,
+        "model": model_addr,
+        "model_dir": str(local_dir(model_addr)),
+        "prompt": prompt.tolist(),
+        "value": value.tolist(),
+        "full_greedy": greedy,
+        "logged": logged,
+    }
+
+
+def kvpress_retrieval_run(a, ratios) -> dict:
+    """kvpress half of --retrieval-run: {full, press@keep: {hits, greedy, kv_bytes}} on the handed queries."""
+    import transformers
+
+    half = json.loads(Path(a.windows_from).read_text())
+    hf = _load_kvpress_model(half["model_dir"])
+    prompt, value = torch.tensor(half["prompt"]), torch.tensor(half["value"])
+    cells = [("full@1", None)] + [(f"{n}@{r:g}", p) for r in ratios for n, p in kvpress_presses(r).items()]
+    rows = {}
+    for j, (key, press) in enumerate(cells):
+        t, row = time.time(), {"hits": [], "greedy": [], "kv_bytes": 0}
+        for i in range(0, prompt.shape[0], a.batch):
+            c, y = prompt[i : i + a.batch], value[i : i + a.batch]
+            lg, b = kvpress_logits(hf, c, y, press)
+            row["hits"] += exact_match(lg, y)
+            row["greedy"] += _greedy(lg, y)
+            row["kv_bytes"] += b
+        rows[key] = row
+        print(f"kvpress {key}: {time.time() - t:.0f} s ({j + 1}/{len(cells)})", file=sys.stderr, flush=True)
+    return {"transformers": transformers.__version__, "rows": rows}
+
+
+def report_retrieval_run(a, kv, ours, t0) -> dict:
+    """Presses' exact match paired against the kvpress full cache and the run's uniform budget at
+    the same keep; the run's own PrefixKV and uniform rows on the same queries beside them."""
+    from workers.stats import ci95
+
+    def ci(d, se):
+        lo, hi = ci95(d, se)
+        return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+    full = kv["rows"].pop("full@1")
+    n = len(full["hits"])
+    greedy_differ = sum(x != y for x, y in zip(full["greedy"], ours["full_greedy"]))
+    out = {
+        "transformers": {"kvpress": kv["transformers"], "calibray": ours["transformers"]},
+        "args": vars(a),
+        "retrieval_run": ours["run_id"],
+        "model": ours["model"],
+        "n": n,
+        "full_hits_differ_from_run": sum(x != y for x, y in zip(full["hits"], ours["logged"]["full"])),
+        "full_greedy_differ": greedy_differ,
+        "rows": [],
+        "seconds": round(time.time() - t0, 1),
+    }
+    rows = {k: {"hits": v} for k, v in ours["logged"].items() if "@" in k}
+    rows.update(kv["rows"])
+    keeps = {f"@{float(r):g}" for r in a.ratios.split(",")}
+    rows = {k: v for k, v in rows.items() if "@" + k.split("@")[1] in keeps}
+    em0 = sum(full["hits"]) / n
+    lines = [
+        f"Run `{ours['run_id']}`'s first {n} held-out queries on `{ours['model']}`: full cache exact match "
+        f"{em0:.3f} (kvpress's transformers {kv['transformers']}, ours {ours['transformers']}); the two full "
+        f"caches' greedy value tokens differ on {greedy_differ} of {n} queries, their answers on "
+        f"{out['full_hits_differ_from_run']} (kvpress against the run's logged answers).",
+        "",
+        "| method@keep | exact match (± SE) | minus full (95% CI) | minus uniform budget (95% CI) | KV bytes / full |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for key, row in sorted(rows.items(), key=lambda kv_: (float(kv_[0].split("@")[1]), kv_[0])):
+        h = [float(x) for x in row["hits"]]
+        em, se = mean_se(h)
+        d, dse = paired_difference(h, [float(x) for x in full["hits"]])
+        uni = ours["logged"].get(f"uniform-window@{key.split('@')[1]}")
+        du, duse = (
+            paired_difference(h, [float(x) for x in uni]) if uni and not key.startswith("uniform") else (None, None)
+        )
+        ratio = row["kv_bytes"] / full["kv_bytes"] if "kv_bytes" in row else None
+        out["rows"].append(
+            {
+                "key": key,
+                "exact_match": em,
+                "se": se,
+                "diff_vs_full": d,
+                "diff_se": dse,
+                "diff_vs_uniform": du,
+                "diff_vs_uniform_se": duse,
+                "kv_ratio": ratio,
+                "per_example": row["hits"],
+            }
+        )
+        lines.append(
+            f"| {key} | {em:.3f} ± {se:.3f} | {ci(d, dse)} | {'' if du is None else ci(du, duse)} | "
+            f"{'' if ratio is None else f'{ratio:.3f}'} |"
+        )
+    out["markdown"] = "\n".join(lines)
+    print(out["markdown"])
+    return out
+
+
 def _load_kvpress_model(path: str):
     """An HF directory (`hf:<dir>` or a path) in this environment's transformers, fp32, sdpa."""
     from transformers import AutoModelForCausalLM
@@ -220,6 +395,8 @@ def run_kvpress(a, ratios) -> dict:
     for text, {key: retrieval_row} for retrieval."""
     import transformers
 
+    if a.retrieval_run:
+        return kvpress_retrieval_run(a, ratios)
     if a.run:  # the main environment's half resolved the model and rebuilt the run's windows
         half = json.loads(Path(a.windows_from).read_text())
         hf = _load_kvpress_model(half["model_dir"])
@@ -253,6 +430,8 @@ def run_calibray(a, ratios) -> dict:
     from workers.prefixkv import artifact
     from workers.prefixkv.methods import Method
 
+    if a.retrieval_run:
+        return calibray_retrieval_run_half(a)
     if a.run:
         return calibray_run_half(a)
     cal = artifact.load(a.calibration)
@@ -438,7 +617,10 @@ def main(argv=None):
     p.add_argument("--model", help="hf:<dir> of a Llama-shaped model (e.g. the exported dense model)")
     p.add_argument("--calibration", help="prefixkv.json (path or runs:/<id>/prefixkv.json)")
     p.add_argument("--run", default=None, help="a pipelines.prefixkv text run id: its model and held-out windows")
-    p.add_argument("--batch", type=int, default=8, help="windows per forward (text)")
+    p.add_argument(
+        "--retrieval-run", default=None, help="a benchmarks.kv_retrieval --work-dir: its model and held-out queries"
+    )
+    p.add_argument("--batch", type=int, default=8, help="windows or queries per forward")
     p.add_argument("--windows-from", default=None, help=argparse.SUPPRESS)  # --run: the calibray half's JSON
     p.add_argument("--data", choices=("text", "retrieval"), default="text", help="held-out text or retrieval queries")
     p.add_argument("--score", default=None, help="calibrated score mode to use (default: the file's default)")
@@ -454,9 +636,15 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--experiment", default=None, help="log the result as a run of this MLflow experiment")
     a = p.parse_args(argv)
+    if a.run and a.retrieval_run:
+        p.error("--run and --retrieval-run: give one")
+    if a.retrieval_run and not (Path(a.retrieval_run) / "batches.jsonl").is_file():
+        p.error(f"--retrieval-run {a.retrieval_run}: no batches.jsonl (not a benchmarks.kv_retrieval work dir)")
     if a.run:
         if a.data != "text":
             p.error(f"--data={a.data}: --run takes a text run")
+    elif a.retrieval_run:
+        a.data = "retrieval"
     elif not (a.model and a.calibration):
         p.error("--model and --calibration are required without --run")
     if a.context is None:
@@ -479,7 +667,8 @@ def main(argv=None):
         return compare(a, ratios, t0)
     from workers.runtime import tracking
 
-    name = f"kvpress-vs-prefixkv-{a.data}-" + (f"run-{a.run[:8]}" if a.run else Path(a.model).name)
+    source = a.run or (a.retrieval_run and Path(a.retrieval_run, "run_id").read_text().strip())
+    name = f"kvpress-vs-prefixkv-{a.data}-" + (f"run-{source[:8]}" if source else Path(a.model).name)
     params = {k: str(v) for k, v in vars(a).items() if k not in ("experiment", "windows_from")}
     with tracking.start_run("prefixkv_kvpress", experiment=a.experiment, run_name=name, params=params):
         out = compare(a, ratios, t0)
@@ -499,7 +688,18 @@ def compare(a, ratios, t0) -> dict:
     # spin-wait each other to a crawl.
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         args = [a.python, "-m", "benchmarks.prefixkv_kvpress", "--part", "calibray", "--out", tmp.name]
-        flags = ("model", "calibration", "run", "data", "score", "aware_score", "settings", "ratios", "context")
+        flags = (
+            "model",
+            "calibration",
+            "run",
+            "retrieval_run",
+            "data",
+            "score",
+            "aware_score",
+            "settings",
+            "ratios",
+            "context",
+        )
         for flag in (*flags, "continuation", "samples", "seed", "batch"):
             if getattr(a, flag) is not None:
                 args += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
@@ -508,7 +708,8 @@ def compare(a, ratios, t0) -> dict:
         a.windows_from = tmp.name
         ours = json.loads(Path(tmp.name).read_text())
         kv = run_kvpress(a, ratios)
-    out = (report_retrieval if a.data == "retrieval" else report_text)(a, kv, ours, t0)
+    report = report_retrieval_run if a.retrieval_run else report_retrieval if a.data == "retrieval" else report_text
+    out = report(a, kv, ours, t0)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
