@@ -9,8 +9,9 @@ Examples (embedded default: local Ray, MLflow in ./mlruns.db, CPU)::
 Every arm x seed is one Tune trial (same initial weights and batches for every arm of a seed).
 MLflow: one parent run (the config, per-arm means, a comparison table `comparison.csv` /
 `.parquet`, per-trial `trials.csv` and the plot `maxvio_vs_step.png`) and one child run per
-trial (per-step train loss, MaxVio per layer, router time; held-out perplexity and global
-MaxVio under causal eval routing).
+trial, written live through Ray Tune's MLflow callback while the trial trains (per-step train
+loss, MaxVio per layer, router time; at its end held-out perplexity and global MaxVio under
+causal eval routing), named `<arm>-seed<seed>`, the arm and seed as params.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from workers.model.config import ConfigError
@@ -102,36 +101,10 @@ def parse(args: argparse.Namespace) -> tuple[ExperimentConfig, list[str], list[i
     return cfg, arms, seeds
 
 
-def log_child(client: MlflowClient, parent, trial: dict, cfg: ExperimentConfig) -> str:
-    """One child run per trial, written by the driver (the single MLflow writer)."""
-    arm, seed = trial["arm"], trial["seed"]
-    run = client.create_run(
-        parent.info.experiment_id,
-        run_name=f"{arm}-seed{seed}",
-        tags=tracking.run_tags(
-            "moe_sweep",
-            **{"mlflow.parentRunId": parent.info.run_id},
-            corpus_sha256=trial["corpus_sha256"],
-            trial=f"{arm}/{seed}",
-        ),
-    )
-    rid = run.info.run_id
-    params = {"arm": arm, "seed": seed, **{f"router.{k}": v for k, v in ARMS[arm].items()}}
-    params.update({f"experiment.{k}": v for k, v in cfg.to_dict().items()})
-    client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
-    ts = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), ts, 0) for k, v in trial["summary"].items()]
-    for key, values in trial["series"].items():
-        metrics.extend(Metric(key, float(v), ts, step + 1) for step, v in enumerate(values))
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(rid, metrics=metrics[i : i + 1000])
-    client.set_terminated(rid, "FINISHED")
-    return rid
-
-
-def logged_trials(client: MlflowClient, parent_id: str, experiment_id: str) -> set[str]:
+def trial_children(client: MlflowClient, parent_id: str, experiment_id: str) -> dict[str, str]:
+    """{"arm/seed": child run id} of the parent's finished trial runs (Tune wrote them live)."""
     runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
-    return {r.data.tags.get("trial", "") for r in runs if r.info.status == "FINISHED"}
+    return {r.data.tags["trial"]: r.info.run_id for r in runs if r.info.status == "FINISHED" and "trial" in r.data.tags}
 
 
 def run(
@@ -166,6 +139,12 @@ def run(
         pid = parent.info.run_id
         print(f"MLflow parent run {pid} ({tracking.tracking_uri()})", flush=True)
         init_ray()
+        live = tracking.trial_runs(
+            "moe_sweep",
+            name=lambda c: f"{c['arm']}-seed{c['seed']}",
+            tags=lambda c: {"trial": f"{c['arm']}/{c['seed']}"},
+            params=lambda c: {f"router.{k}": v for k, v in ARMS[c["arm"]].items()},
+        )
         trials = run_sweep(
             cfg,
             arms,
@@ -175,13 +154,12 @@ def run(
             max_concurrent=max_concurrent,
             cpus_per_trial=cpus_per_trial,
             resume=resume is not None,
+            callbacks=[live],
         )
         client = MlflowClient(tracking.tracking_uri())
-        done = logged_trials(client, pid, parent.info.experiment_id)
-        children = {}
-        for t in trials:
-            if f"{t['arm']}/{t['seed']}" not in done:
-                children[f"{t['arm']}/{t['seed']}"] = log_child(client, parent, t, cfg)
+        children = trial_children(client, pid, parent.info.experiment_id)
+        for rid in children.values():
+            client.set_tag(rid, "corpus_sha256", trials[0]["corpus_sha256"])
         mlflow.set_tag("corpus_sha256", trials[0]["corpus_sha256"])
         per_trial = trials_table(trials)
         table = comparison_table(per_trial, arms)

@@ -55,9 +55,16 @@ def test_small_sweep_orders_early_maxvio_and_logs_everything(ray_local, mlflow_u
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{out['run_id']}'", max_results=50
     )
     assert sorted(c.data.params["arm"] for c in children) == sorted(ARMS)
+    assert sorted(c.info.run_name for c in children) == sorted(f"{a}-seed0" for a in ARMS)
+    assert sorted(out["children"]) == sorted(f"{a}/0" for a in ARMS)
     child = children[0]
+    assert child.info.status == "FINISHED" and child.data.params["experiment.steps"] == "12"
     assert {"heldout_global_maxvio", "heldout_ppl", "maxvio_step1", "maxvio_layer0"} <= set(child.data.metrics)
-    assert len(client.get_metric_history(child.info.run_id, "maxvio_layer0")) == 12
+    assert not any(k.startswith(("load_layer", "time_", "config")) for k in child.data.metrics)  # no UI clutter
+    history = client.get_metric_history(child.info.run_id, "maxvio_layer0")
+    assert [m.step for m in history] == list(range(1, 13))
+    # written live, step by step while the trial trained (not all at once after Tune finished)
+    assert history[0].timestamp < history[-1].timestamp <= child.info.end_time
 
 
 def test_sweep_orders_bip_arms_on_a_planted_skewed_router(ray_local, mlflow_uri):

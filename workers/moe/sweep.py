@@ -1,8 +1,11 @@
 """Ray Tune glue of the balancing experiment: one trial = one (arm, seed), trials in parallel.
 
-Trials only compute and return numbers (per-step series and a summary); the driver is the
-one MLflow writer. The Tune experiment lives under a directory named after the parent MLflow
-run, so an interrupted sweep is restored with its finished trials kept.
+Trials only compute and report numbers: every step's loss, MaxVio (mean and per layer), router
+time and straggler ratio as it happens, then the summary (held-out perplexity, MaxVio
+statistics) and the whole per-step series. The driver is the one MLflow writer: the callbacks
+it passes (tracking.trial_runs) write each trial's reports live as its child run. The Tune
+experiment lives under a directory named after the parent MLflow run, so an interrupted sweep is
+restored with its finished trials kept.
 """
 
 from __future__ import annotations
@@ -20,17 +23,16 @@ def trainable(config: dict) -> None:
 
     torch.set_num_threads(int(config.get("threads", 1)))
     cfg = ExperimentConfig(**config["experiment"])
-    every = max(1, cfg.steps // 10)
 
     def progress(step: int, row: dict) -> None:
-        if step % every == 0 and step < cfg.steps:
-            tune.report({"step": step, "maxvio": row["maxvio"], "train_loss": row["train_loss"], "done": False})
+        # Per-expert loads stay out of the live report (96 charts for 4 layers x 16 experts in the
+        # MLflow UI); they are in the final series and the sweep's plot.
+        tune.report({"step": step, **{k: v for k, v in row.items() if not k.startswith("load_layer")}})
 
     out = train_arm(cfg, config["arm"], int(config["seed"]), on_step=progress)
     tune.report(
         {
             "step": cfg.steps,
-            "done": True,
             **out["summary"],
             "series": out["series"],
             "corpus_sha256": out["corpus_sha256"],
@@ -48,9 +50,11 @@ def run_sweep(
     max_concurrent: int,
     cpus_per_trial: float = 1.0,
     resume: bool = False,
+    callbacks: list | None = None,
 ) -> list[dict]:
     """Run (or restore and finish) the grid arms x seeds; returns one dict per finished trial:
-    {"arm", "seed", "summary", "series", "corpus_sha256"}. Raises if any trial errored."""
+    {"arm", "seed", "summary", "series", "corpus_sha256"}. Raises if any trial errored.
+    `callbacks`: Tune callbacks (the driver's MLflow writer), also on a restore."""
     from ray import tune
 
     resources = tune.with_resources(trainable, {"cpu": cpus_per_trial})
@@ -67,7 +71,7 @@ def run_sweep(
                 "threads": max(1, int(cpus_per_trial)),
             },
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks),
         )
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]

@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,17 +204,52 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_")
 
 
-def trial_runs(pipeline: str):
-    """A Ray Tune callback that logs every trial live as an MLflow child run of the active run: its
-    config as params (the setting, never in a metric name), each reported result as metrics, ended
-    FINISHED or FAILED with the trial. Tune runs callbacks in the driver, the store's one writer."""
+def trial_runs(
+    pipeline: str,
+    *,
+    name: Callable[[dict], str] | None = None,
+    tags: Callable[[dict], dict] | None = None,
+    params: Callable[[dict], dict] | None = None,
+):
+    """A Ray Tune callback (Tune's `MLflowLoggerCallback`) that logs every trial live as an MLflow
+    child run of the active run: its config as params (the setting, never in a metric name), each
+    reported result's numbers as metrics at the result's `step` (else the trial's iteration), ended
+    FINISHED or FAILED with the trial. Tune runs callbacks in the driver, the store's one writer.
+
+    `name(config)` is the child's run name (default: Tune's trial name), `tags(config)` and
+    `params(config)` add per-trial tags and params. Tune's own bookkeeping (time, pid, config,
+    iteration counters) and non-numbers are not logged, and each result is one batched write
+    rather than one write per key."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.result import AUTO_RESULT_KEYS
+    from ray.tune.utils import flatten_dict
 
     run = mlflow.active_run()
     uri = tracking_uri()
     experiment = MlflowClient(uri).get_experiment(run.info.experiment_id).name
-    tags = run_tags(f"{pipeline}_trial", **{"mlflow.parentRunId": run.info.run_id})
-    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, tags=tags, save_artifact=False)
+    common = run_tags(f"{pipeline}_trial", **{"mlflow.parentRunId": run.info.run_id})
+    skip = {*AUTO_RESULT_KEYS, "done", "step", "trial_id", "experiment_tag"}
+
+    class TrialRuns(MLflowLoggerCallback):
+        def log_trial_start(self, trial):
+            if trial in self._trial_runs:
+                return
+            cfg = trial.config
+            own = {"trial_name": str(trial), **(tags(cfg) if tags else {})}
+            child = self.mlflow_util.start_run(tags={**self.tags, **own}, run_name=name(cfg) if name else str(trial))
+            self._trial_runs[trial] = child.info.run_id
+            log_params({**flatten_dict(cfg, delimiter="."), **(params(cfg) if params else {})}, child.info.run_id)
+
+        def log_trial_result(self, iteration, trial, result):
+            numbers = {
+                k: v
+                for k, v in result.items()
+                if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            step = int(result.get("step", result["training_iteration"]))
+            log_metrics(numbers, step=step, run_id=self._trial_runs[trial])
+
+    return TrialRuns(tracking_uri=uri, experiment_name=experiment, tags=common, save_artifact=False)
 
 
 def model_label(address: str) -> str:
@@ -346,9 +381,15 @@ def check_run(run_id: str, what: str = "--resume") -> None:
 
 
 def mark_failed_if_running(run_id: str, what: str = "--resume") -> None:
-    """A run killed outright stays RUNNING; a resume marks it FAILED before continuing elsewhere.
-    A run id that is not in the store is bad input (check_run; `what` says where the id came from)."""
+    """A run killed outright stays RUNNING; a resume marks it FAILED before continuing elsewhere,
+    and with it the child runs it was writing (live Tune trials), which died with it. A run id that
+    is not in the store is bad input (check_run; `what` says where the id came from)."""
     check_run(run_id, what)
     client = MlflowClient(tracking_uri())
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status="FAILED")
+    run = client.get_run(run_id)
+    stale = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
+    )
+    for r in [run, *stale]:
+        if r.info.status == "RUNNING":
+            client.set_terminated(r.info.run_id, status="FAILED")

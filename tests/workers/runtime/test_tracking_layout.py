@@ -71,3 +71,17 @@ def test_the_next_demo_marks_runs_a_killed_demo_left_running_failed(client):
     assert close_killed(client, exp) == [killed]
     assert client.get_run(killed).info.status == "FAILED"
     assert client.get_run(done).info.status == "FINISHED"
+
+
+def test_a_resume_marks_the_killed_run_and_the_trials_it_was_writing_failed(client):
+    """A sweep killed outright leaves its parent and its live Tune trial runs RUNNING; resuming the
+    parent marks both FAILED (the retried trial gets a new child run), finished children stay."""
+    exp = tracking.setup("layout-resume")
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    live = client.create_run(exp, run_name="trial-live", tags={"mlflow.parentRunId": parent}).info.run_id
+    done = client.create_run(exp, run_name="trial-done", tags={"mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(done, "FINISHED")
+    other = client.create_run(exp, run_name="someone-elses").info.run_id
+    tracking.mark_failed_if_running(parent)
+    status = {r: client.get_run(r).info.status for r in (parent, live, done, other)}
+    assert status == {parent: "FAILED", live: "FAILED", done: "FINISHED", other: "RUNNING"}
