@@ -31,6 +31,7 @@ import torch
 
 from workers.model.config import IndexerConfig
 from workers.model.hf.address import ADDRESS_HELP, config_file, load_tokenizer, local_dir
+from workers.model.mlflow_model import log_hf_model
 from workers.runtime import cli, tracking
 
 log = logging.getLogger("pipelines.dsa_convert")
@@ -250,7 +251,7 @@ def run(cfg: ConvertConfig) -> dict:
         mlflow.log_param("topk", cfg.topk)
         with tempfile.TemporaryDirectory() as d:
             write_converted(hf, model_dir, Path(d) / "hf_model")
-            mlflow.log_artifacts(str(Path(d) / "hf_model"), "hf_model")
+            log_hf_model(Path(d) / "hf_model")  # + the transformers-flavour MLflow model
         return {
             "run_id": run_id,
             "model": f"runs:/{run_id}/hf_model",

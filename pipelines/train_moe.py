@@ -200,11 +200,11 @@ def run(
         model_dir, metrics = final_report(tc, ckpt, corpus)
         tracking.log_metrics(metrics)
         mlflow.log_artifacts(str(model_dir / "model"), "model")
-        from workers.model.mlflow_model import log_calib_lm
+        from workers.model.mlflow_model import log_calib_lm, log_hf_model
 
         log_calib_lm(model_dir / "model")  # the same checkpoint as an MLflow model (pyfunc, signature)
         if (model_dir / "hf_model").exists():
-            mlflow.log_artifacts(str(model_dir / "hf_model"), "hf_model")
+            log_hf_model(model_dir / "hf_model")
         for k, v in sorted(metrics.items()):
             print(f"  {k:32s} {v:.4f}")
     print(f"model: runs:/{run_id}/model")

@@ -21,10 +21,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import mlflow
 import torch
 
 from workers.model.config import ConfigError, RouterConfig
+from workers.model.mlflow_model import log_hf_model
 from workers.runtime import tracking
 from workers.training import train_state
 from workers.training.hf_moe import HFMoETrainConfig, read_hf_config, train_loop
@@ -134,7 +134,7 @@ def run(
         ckpt = fit(train_loop, tc, run_id, loop_config, resume=found, storage_given=storage_uri)
         hf_dir, metrics = final_report(tc, ckpt, windows, tokenizer)
         tracking.log_metrics(metrics)
-        mlflow.log_artifacts(str(hf_dir), "hf_model")
+        log_hf_model(hf_dir)  # + the transformers-flavour MLflow model
         for k, v in sorted(metrics.items()):
             print(f"  {k:32s} {v:.4f}")
     print(f"model: runs:/{run_id}/hf_model")

@@ -22,7 +22,8 @@ def qwen_dir(tmp_path_factory):
 def test_finetune_ep2_worker_killed_resumes_and_exports(ray_local, mlflow_uri, qwen_dir, tmp_path):
     """BIP on 2 expert-parallel workers (4 of the 8 experts each); rank 1 dies after step 3 and
     both ranks restart from the step-2 checkpoint; every step's loads and MaxVio per layer reach
-    MLflow; the exported hf_model loads in plain transformers with its tokenizer."""
+    MLflow; the exported hf_model loads in plain transformers with its tokenizer, and as an MLflow
+    transformers-flavour model that generates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from workers.model.hf.moe import ROUTING_FILE
@@ -58,6 +59,14 @@ def test_finetune_ep2_worker_killed_resumes_and_exports(ray_local, mlflow_uri, q
     ids = AutoTokenizer.from_pretrained(path).encode("def f(x):", add_special_tokens=False)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([ids])).logits).all()
+    import mlflow
+
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+    )
+    assert logged.name == "hf_mlflow_model"
+    (text,) = mlflow.pyfunc.load_model(logged.model_uri).predict(["def f(x):"], params={"max_new_tokens": 4})
+    assert isinstance(text, str) and text.startswith("def f(x):")
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,17 @@
-"""A trained CalibLM as an MLflow model: `mlflow.pyfunc.load_model(uri).predict(["prompt"])` generates.
+"""Trained models as MLflow models: `mlflow.pyfunc.load_model(uri).predict(["prompt"])` generates.
 
-The run keeps its plain checkpoint at `model/` (what every pipeline's `runs:/<id>/model` address
-reads); this wraps the same files as an MLflow pyfunc model (MLmodel, a signature, the checkpoint
-as its artifact), so the MLflow UI lists it as a model and a user loads it without calibray's
-addresses. Input: a DataFrame (or a dict) with a `prompt` column of strings; output: one
-greedy continuation per prompt; param `max_new_tokens` (default 32).
+A CalibLM run keeps its plain checkpoint at `model/` (what every pipeline's `runs:/<id>/model`
+address reads); `log_calib_lm` wraps the same files as an MLflow pyfunc model (MLmodel, a
+signature, the checkpoint as its artifact), so the MLflow UI lists it as a model and a user loads
+it without calibray's addresses. Input: a DataFrame (or a dict) with a `prompt` column of strings;
+output: one greedy continuation per prompt; param `max_new_tokens` (default 32).
+
+A Hugging Face export (`log_hf_model`) keeps its `save_pretrained` folder at `hf_model/` (the
+`runs:/<id>/hf_model` address) and is also logged in MLflow's transformers flavour with its
+tokenizer, as a text-generation pipeline: `mlflow.transformers.load_model(uri)` gives the
+pipeline, `mlflow.pyfunc.load_model(uri).predict(["prompt"], params={"max_new_tokens": 8})`
+generates. That is a second copy of the weights: the flavour stores its own files and the
+addresses read the plain folder. The shipped base model is never logged by any run.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import mlflow
 import torch
 
 NAME = "mlflow_model"
+HF_NAME = "hf_mlflow_model"
 MAX_NEW_TOKENS = 32
 
 
@@ -67,6 +75,35 @@ def log_calib_lm(checkpoint_dir: Path) -> str:
         python_model=CalibLMModel(),
         artifacts={"checkpoint": str(checkpoint_dir)},
         signature=signature(),
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+        pip_requirements=[f"{p}=={v.split('+')[0]}" for p, v in _versions(torch, mlflow).items()],
     )
     return info.model_uri
+
+
+def log_hf_model(hf_dir: Path) -> str:
+    """Log a `save_pretrained` folder (model + tokenizer) as this run's `hf_model` artifact and as its
+    transformers-flavour MLflow model `hf_mlflow_model`; returns the model's URI."""
+    import transformers
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    mlflow.log_artifacts(str(hf_dir), "hf_model")
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name=HF_NAME,
+        task="text-generation",
+        signature=ModelSignature(
+            inputs=Schema([ColSpec("string")]),
+            outputs=Schema([ColSpec("string")]),
+            params=ParamSchema([ParamSpec("max_new_tokens", "long", MAX_NEW_TOKENS)]),
+        ),
+        # MLflow's own inference of requirements imports torchvision, which is not installed
+        pip_requirements=[f"{p}=={v.split('+')[0]}" for p, v in _versions(torch, transformers, mlflow).items()],
+    )
+    return info.model_uri
+
+
+def _versions(*modules) -> dict[str, str]:
+    return {m.__name__: m.__version__ for m in modules}
