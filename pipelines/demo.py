@@ -3,6 +3,7 @@
     python -m pipelines.demo                    # the full chain (at most 15 minutes on 2 cores)
     python -m pipelines.demo --preset smoke     # the same chain at toy scale (at most 3 minutes)
     python -m pipelines.demo --verbose          # every pipeline's own output on the console too
+    python -m pipelines.demo --resume <run id>  # finish a demo that was killed or failed
 
 Stages, each a real pipeline whose MLflow run is a child of one `demo` parent run:
 1. train the DSA-MoE model with BIP balancing, expert parallel over 2 Ray Train workers (reused
@@ -13,7 +14,9 @@ Stages, each a real pipeline whose MLflow run is a child of one `demo` parent ru
 5. both calibrated caches on natural-language retrieval with SmolLM2-135M;
 6. SmolLM2-135M served on Ray Serve with the calibrated caches beside a full-cache deployment,
    asked the same chat questions through the `openai` client.
-The console shows one line per stage and the verdict table; everything else (Ray's, MLflow's and
+`--resume` continues the same parent run: stages that finished are reused (their runs stay the
+table's), a killed training run resumes from its last checkpoint, KVTuner and the retrieval
+benchmark continue from their work dirs, the others run again. The console shows one line per stage and the verdict table; everything else (Ray's, MLflow's and
 the pipelines' own output) goes to the log file named at the start. Verdicts are demo-scale:
 docs/ holds the full-scale results.
 """
@@ -34,6 +37,7 @@ from workers.training.config import TrainConfig, demo, tiny
 EXPERIMENT = "demo"
 REAL_MODEL = "smollm2-135m"
 STAGES = ("train_moe", "indexcache", "kvtuner", "prefixkv", "retrieval", "serve")
+STAGE_OF = {"kv_retrieval": "retrieval"}  # a stage's pipeline tag, where it differs from the stage
 
 
 def _args(text: str) -> list[str]:
@@ -114,14 +118,33 @@ def smoke() -> DemoPreset:
 PRESETS = {"full": full, "smoke": smoke}
 
 
-def trained(tc: TrainConfig, retrain: bool, run_name: str) -> tuple[str, bool]:
-    """(run id of a model trained with exactly this config, whether it was reused)."""
+def trained(tc: TrainConfig, retrain: bool, run_name: str, killed: str | None = None) -> tuple[str, bool]:
+    """(run id of a model trained with exactly this config, whether it was reused); `killed`: the
+    resumed demo's unfinished training run, continued from its last checkpoint."""
     if not retrain:
         found = train_moe.find_trained(tc)
         if found:
             print(f"reusing model runs:/{found}/model (same config and corpus; --retrain to train anew)")
             return found, True
+    if killed:
+        try:
+            return train_moe.run(tc, run_name=run_name, resume=killed), False
+        except FileNotFoundError as e:  # killed before its first checkpoint: nothing to continue
+            print(f"{e}; training anew")
     return train_moe.run(tc, run_name=run_name), False
+
+
+def prior_stages(parent: str) -> dict[str, tuple[str, str]]:
+    """{pipeline: (run id, status)} of the newest run of each pipeline under a demo parent: what a
+    resumed demo has already done."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri())
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs(
+        [exp], f"tags.mlflow.parentRunId = '{parent}'", order_by=["attributes.start_time ASC"], max_results=1000
+    )
+    return {r.data.tags.get("pipeline", ""): (r.info.run_id, r.info.status) for r in runs}
 
 
 def child(parent: str, pipeline: str) -> str:
@@ -151,8 +174,26 @@ def close_killed(client, experiment_id: str) -> list[str]:
     return [r.info.run_id for r in stale]
 
 
-def run_stages(preset: DemoPreset, console: Console, parent: str, work: Path, retrain: bool, serve: bool) -> dict:
-    """Every stage, in order; returns {stage: run id or result} for the summary."""
+def check_resumable(client, run_id: str, preset: str, parser: argparse.ArgumentParser) -> None:
+    """--resume names a demo run of this preset that did not finish (else one line, exit 2)."""
+    try:
+        tracking.check_run(run_id, "--resume")
+    except tracking.TrackingError as e:
+        parser.error(str(e))
+    run = client.get_run(run_id)
+    if run.data.tags.get("pipeline") != "demo":
+        parser.error(f"--resume {run_id}: a {run.data.tags.get('pipeline')!r} run, not a demo run")
+    if run.data.params.get("preset") != preset:
+        parser.error(f"--resume {run_id}: a --preset {run.data.params.get('preset')} demo; pass that preset")
+    if run.info.status == "FINISHED":
+        parser.error(f"--resume {run_id}: that demo finished; run the demo again for a new one")
+
+
+def run_stages(
+    preset: DemoPreset, console: Console, parent: str, work: Path, retrain: bool, serve: bool, resumed: bool = False
+) -> dict:
+    """Every stage, in order; returns {stage: run id or result} for the summary. `resumed`: stages
+    whose run under `parent` finished are reused, not run again."""
     from benchmarks import kv_retrieval
     from pipelines import indexcache, kvtuner, prefixkv
 
@@ -160,33 +201,43 @@ def run_stages(preset: DemoPreset, console: Console, parent: str, work: Path, re
     b = preset.budgets_s
     runs: dict = {}
     name = preset.name
-    moe_run, reused = console.stage(
+    prior = prior_stages(parent) if resumed else {}
+    done = {k: rid for k, (rid, status) in prior.items() if status == "FINISHED"}
+
+    def step(i: int, pipeline: str, label: str, fn, *args):
+        """Run stage i, or on a resume reuse its finished run (returned as `fn` would: None)."""
+        if pipeline in done:
+            console.reused(i, n, label, done[pipeline])
+            return None
+        return console.stage(i, n, label, b[STAGE_OF.get(pipeline, pipeline)], fn, *args)
+
+    killed = prior.get("train_moe", (None, ""))[0] if "train_moe" not in done else None
+    moe = step(
         1,
-        n,
+        "train_moe",
         "train DSA-MoE (BIP, expert parallel x2)",
-        b["train_moe"],
         trained,
         preset.moe,
         retrain,
         f"demo-{name}-dsa-moe-bip-ep2",
+        killed,
     )
+    moe_run, reused = moe if moe else (done["train_moe"], False)
     runs["train_moe"], runs["train_moe_reused"] = moe_run, reused
     moe_model = f"runs:/{moe_run}/model"
-    console.stage(
+    step(
         2,
-        n,
+        "indexcache",
         "IndexCache greedy search (DSA-MoE)",
-        b["indexcache"],
         indexcache.main,
         ["--model", moe_model, "--run-name", f"demo-{name}-indexcache-dsa-moe", *preset.indexcache],
     )
     runs["indexcache"] = child(parent, "indexcache")
     kvt_dir = work / "kvtuner"
-    kvt = console.stage(
+    kvt = step(
         3,
-        n,
+        "kvtuner",
         f"KVTuner on {REAL_MODEL} (<= {preset.kv_budget:g} bits)",
-        b["kvtuner"],
         kvtuner.main,
         [
             "--model",
@@ -200,28 +251,29 @@ def run_stages(preset: DemoPreset, console: Console, parent: str, work: Path, re
             *preset.kvtuner,
         ],
     )
-    runs["kvtuner"] = kvt["run_id"]
-    runs["prefixkv"] = console.stage(
-        4,
-        n,
-        f"PrefixKV on {REAL_MODEL} (keep {preset.keep_ratio:g})",
-        b["prefixkv"],
-        prefixkv.main,
-        [
-            "--model",
-            REAL_MODEL,
-            "--eval-ratios",
-            str(preset.keep_ratio),
-            "--run-name",
-            f"demo-{name}-prefixkv-{REAL_MODEL}-text",
-            *preset.prefixkv,
-        ],
+    runs["kvtuner"] = kvt["run_id"] if kvt else done["kvtuner"]
+    runs["prefixkv"] = (
+        step(
+            4,
+            "prefixkv",
+            f"PrefixKV on {REAL_MODEL} (keep {preset.keep_ratio:g})",
+            prefixkv.main,
+            [
+                "--model",
+                REAL_MODEL,
+                "--eval-ratios",
+                str(preset.keep_ratio),
+                "--run-name",
+                f"demo-{name}-prefixkv-{REAL_MODEL}-text",
+                *preset.prefixkv,
+            ],
+        )
+        or done["prefixkv"]
     )
-    console.stage(
+    step(
         5,
-        n,
+        "kv_retrieval",
         f"retrieval with both caches on {REAL_MODEL}",
-        b["retrieval"],
         kv_retrieval.main,
         [
             "--kvtuner",
@@ -260,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrain", action="store_true", help="train the DSA-MoE model even if this config was trained")
     p.add_argument("--no-serve", action="store_true", help="skip the serving stage")
     p.add_argument("--log", type=Path, default=None, help="log file (default artifacts/demo/<preset>-<run id>.log)")
+    p.add_argument("--resume", metavar="RUN_ID", default=None, help="finish this killed or failed demo run")
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("--quiet", action="store_true", help="print only the verdict table")
     loud.add_argument("--verbose", action="store_true", help="print every pipeline's own output too")
@@ -276,10 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking.check_store()  # before Ray: an unwritable store fails now, naming its path
     exp = tracking.setup(EXPERIMENT)
     client = MlflowClient(uri)
+    if a.resume:
+        check_resumable(client, a.resume, preset.name, p)
     close_killed(client, exp)
-    parent = client.create_run(exp, run_name=f"demo-{preset.name}", tags=tracking.run_tags("demo")).info.run_id
-    budgets = {f"budget_s.{k}": v for k, v in preset.budgets_s.items()}
-    tracking.log_params({"preset": preset.name, **budgets}, run_id=parent)
+    if a.resume:
+        parent = a.resume
+        client.update_run(parent, status="RUNNING")
+    else:
+        parent = client.create_run(exp, run_name=f"demo-{preset.name}", tags=tracking.run_tags("demo")).info.run_id
+        budgets = {f"budget_s.{k}": v for k, v in preset.budgets_s.items()}
+        tracking.log_params({"preset": preset.name, **budgets}, run_id=parent)
     work = tracking.ARTIFACTS / "demo" / parent
     log = a.log or tracking.ARTIFACTS / "demo" / f"{preset.name}-{parent[:8]}.log"
     verbosity = "quiet" if a.quiet else "verbose" if a.verbose else "normal"
@@ -289,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         with Console(log, verbosity) as console, tracking.nested_under(parent, EXPERIMENT):
             init_ray()
             try:
-                runs = run_stages(preset, console, parent, work, a.retrain, not a.no_serve)
+                runs = run_stages(preset, console, parent, work, a.retrain, not a.no_serve, resumed=bool(a.resume))
                 text, table = summarize(runs, preset, console.times, console.elapsed())
             finally:
                 import ray
@@ -304,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         client.set_terminated(parent, status)
         if status == "FAILED":
-            print(f"demo FAILED; the log {log} has every stage's output", file=sys.stderr, flush=True)
+            print(
+                f"demo FAILED; the log {log} has every stage's output; finish it with: "
+                f"python -m pipelines.demo --preset {preset.name} --resume {parent}",
+                file=sys.stderr,
+                flush=True,
+            )
     return 0
 
 

@@ -122,6 +122,11 @@ class Console:
         self.times[name] = self._end(head, t, budget_s, live)
         return result
 
+    def reused(self, i: int, n: int, name: str, run_id: str) -> None:
+        """The console line of a stage a resumed demo had finished before: not run again."""
+        print(f"\n===== [{i}/{n}] {name}: reused =====", flush=True)
+        self.say(f"[{i}/{n}] {name}: finished before the resume, run {run_id[:8]} reused")
+
     def _end(self, head: str, t: float, budget_s: int, live: bool, failed: bool = False) -> float:
         took = time.perf_counter() - t
         state = "FAILED" if failed else ("done" if took <= budget_s else f"over budget by {took - budget_s:.0f} s")

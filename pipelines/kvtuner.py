@@ -225,7 +225,9 @@ def main(argv=None) -> dict:
         budgets_dir = work / "out_budgets"
         if budgets_dir.is_dir():
             mlflow.log_artifacts(str(budgets_dir), "budgets")
-        tracking.log_metrics(out["metrics"])
+        from workers.kvtuner.results import shared_metrics
+
+        tracking.log_metrics(shared_metrics(out["metrics"]))  # each budget's own: its child run's
         log_budget_runs(run, name, out)
         out["run_id"] = run.info.run_id
     return out

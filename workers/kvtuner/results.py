@@ -144,6 +144,16 @@ def budget_metrics(metrics: dict[str, float], budget: float) -> dict[str, float]
                 out[new + key[len(old) :]] = value
                 break
         else:
-            if not re.search(r"(kvtuner|reversed|chosen)_b[0-9.]+", key):
+            if not _BUDGETED.search(key):
                 out[key] = value
     return out
+
+
+# A metric key naming one budget (final_report's `kvtuner_b3.25`, `reversed_b3.25`, `chosen_b3.25`).
+_BUDGETED = re.compile(r"(kvtuner|reversed|chosen)_b[0-9.]+")
+
+
+def shared_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics every budget shares (uniform baselines, full precision, the search's counts): what
+    the search run itself logs; each budget's own are its child run's (`budget_metrics`)."""
+    return {k: v for k, v in metrics.items() if not _BUDGETED.search(k)}
