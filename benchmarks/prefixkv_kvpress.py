@@ -60,6 +60,7 @@ position) on every query.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -169,6 +170,8 @@ def run_windows(run_id: str, n: int | None):
         raise ValueError(f"--run {run_id}: a {params.get('data')!r} run; --run takes a text run")
     ints = ("samples", "context", "continuation", "eval_samples", "seed")
     cfg = RunConfig(model=params["model"], corpus=params["corpus"], workers=1, **{k: int(params[k]) for k in ints})
+    if params.get("eval_seed", "None") != "None":  # runs before --eval-seed existed used seed + 1
+        cfg = dataclasses.replace(cfg, eval_seed=int(params["eval_seed"]))
     ctx, cont = eval_data(cfg, load_corpus(cfg.corpus), load_tokenizer(cfg.model))
     per_example = json.loads(download(f"runs:/{run_id}/eval/eval.json").read_text())["per_example"]
     n = ctx.shape[0] if n is None else min(n, ctx.shape[0])

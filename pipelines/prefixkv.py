@@ -67,6 +67,9 @@ class RunConfig:
     batch_size: int = 8
     bootstrap: int = 200
     seed: int = 0
+    # held-out examples' seed; None: seed + 1. Set it to vary the calibration seed over the same
+    # held-out examples (calibration seeds compared on one test set).
+    eval_seed: int | None = None
     device: str = "cpu"
     dtype: str | None = None  # None: fp32 on CPU, bf16 on GPU
     cpus_per_worker: float = 1.0
@@ -129,6 +132,10 @@ class RunConfig:
         d["ratio_grid"] = ",".join(f"{r:g}" for r in RATIO_GRID)
         return d
 
+    @property
+    def heldout_seed(self) -> int:
+        return self.seed + 1 if self.eval_seed is None else self.eval_seed
+
     def sequence_len(self, tokenizer: Tokenizer | None = None) -> int:
         """Tokens per example: the context plus the scored continuation (text) or value (retrieval)."""
         return self.context + (self.continuation if self.data == "text" else value_tokens(tokenizer))
@@ -161,11 +168,11 @@ def eval_data(cfg: RunConfig, corpus: Corpus, tokenizer: Tokenizer | None = None
     """Held-out (context [n, C], continuation [n, M]) for text, (prompt, value) for retrieval."""
     length = cfg.sequence_len(tokenizer)
     if cfg.data == "text":
-        g = torch.Generator().manual_seed(cfg.seed + 1)
+        g = torch.Generator().manual_seed(cfg.heldout_seed)
         w = corpus.sample_windows("heldout", length, cfg.eval_samples, g, tokenizer)
         return w[:, : cfg.context], w[:, cfg.context :]
     es = eval_set(
-        corpus.heldout, n=cfg.eval_samples, length=length, seed=cfg.seed + 1, split="heldout", tokenizer=tokenizer
+        corpus.heldout, n=cfg.eval_samples, length=length, seed=cfg.heldout_seed, split="heldout", tokenizer=tokenizer
     )
     return es.prompt, es.value
 
@@ -192,6 +199,7 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of calibration samples")
     p.add_argument("--seed", type=int, default=0, help="seed of sample selection and bootstrap")
+    p.add_argument("--eval-seed", type=int, default=None, help="held-out examples' seed (default: --seed + 1)")
     p.add_argument("--device", default="cpu", help="torch device of the actors (cpu, cuda)")
     p.add_argument(
         "--dtype", default=None, choices=tuple(DTYPES), help="model dtype (default fp32 on CPU, bf16 on GPU)"
@@ -220,6 +228,7 @@ def parse_args(argv=None) -> RunConfig:
         batch_size=a.batch_size,
         bootstrap=a.bootstrap,
         seed=a.seed,
+        eval_seed=a.eval_seed,
         device=a.device,
         dtype=a.dtype,
         cpus_per_worker=a.cpus_per_worker,
