@@ -223,14 +223,14 @@ def retrieval_run_queries(work: str, n: int):
     value [n, V], {arm: per-query hits} as it logged them) for its first `n` held-out queries."""
     import ast
 
+    import mlflow
+
     from benchmarks.kvtuner_libraries import run_params
     from workers.data.retrieval import eval_set
     from workers.model.hf.address import load_tokenizer
 
     work = Path(work)
     run_id = (work / "run_id").read_text().strip()
-    import mlflow
-
     p = mlflow.get_run(run_id).data.params
     model = run_params(Path(p["kvtuner"]))[1]["model"]
     length = json.loads((work / "length.json").read_text())["length"]
@@ -378,9 +378,7 @@ def report_retrieval_run(a, kv, ours, t0) -> dict:
             f"| {key} | {em:.3f} ± {se:.3f} | {ci(d, dse)} | {'' if du is None else ci(du, duse)} | "
             f"{'' if ratio is None else f'{ratio:.3f}'} |"
         )
-    out["markdown"] = "\n".join(lines)
-    print(out["markdown"])
-    return out
+    return _printed(out, lines)
 
 
 def _load_kvpress_model(path: str):
@@ -497,6 +495,13 @@ def calibray_run_half(a) -> dict:
     }
 
 
+def _printed(out: dict, lines: list[str]) -> dict:
+    """A report with its markdown table, printed."""
+    out["markdown"] = "\n".join(lines)
+    print(out["markdown"])
+    return out
+
+
 def report_text(a, kv, ours, t0) -> dict:
     """Each row's NLL paired against the kvpress full cache and, with `--run`, against the run's
     uniform budget at the same keep (scoring `--score`, default `window`) on the same windows."""
@@ -544,9 +549,7 @@ def report_text(a, kv, ours, t0) -> dict:
         vs_uniform = "" if ref is None else f"{du:+.4f} ({duse:.4f})"
         ratio = "" if b is None else f"{b / full_bytes:.3f}"
         lines.append(f"| {key} | {m:.4f} | {se:.4f} | {d:+.4f} ({dse:.4f}) | {vs_uniform} | {ratio} |")
-    out["markdown"] = "\n".join(lines)
-    print(out["markdown"])
-    return out
+    return _printed(out, lines)
 
 
 def report_retrieval(a, kv, ours, t0) -> dict:
@@ -610,9 +613,7 @@ def report_retrieval(a, kv, ours, t0) -> dict:
                 f"| {setting} | {name} | {p:.3f} | {se:.3f} | {d:+.3f} | {dse:.3f} | "
                 f"{out['rows'][-1]['value_nll'][0]:.4f} | {ratio:.3f} |"
             )
-    out["markdown"] = "\n".join(table)
-    print(out["markdown"])
-    return out
+    return _printed(out, table)
 
 
 def main(argv=None):

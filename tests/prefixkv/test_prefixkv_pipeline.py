@@ -95,3 +95,21 @@ def test_bad_inputs_fail_before_any_run(tiny_checkpoint, mlflow_uri, extra, matc
 def test_missing_model_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing config.json"):
         prefixkv.main(_args(tmp_path / "nope"))
+
+
+def test_calibration_seeds_share_one_heldout_set_with_eval_seed():
+    """--eval-seed fixes the held-out windows while --seed varies the calibration prompts (the
+    default, seed + 1, keeps every earlier run's held-out set)."""
+    import torch
+
+    from pipelines.prefixkv import RunConfig, calibration_data, eval_data
+    from workers.data.corpus import load_corpus
+
+    corpus = load_corpus()
+    base = dict(model="unused", data="text", context=64, continuation=8, samples=2, eval_samples=3)
+    old = RunConfig(**base, seed=0)
+    a, b = RunConfig(**base, seed=1, eval_seed=1), RunConfig(**base, seed=2, eval_seed=1)
+    assert not torch.equal(calibration_data(a, corpus), calibration_data(b, corpus))
+    for x, y in zip(eval_data(a, corpus), eval_data(old, corpus)):
+        assert torch.equal(x, y)
+    assert not torch.equal(eval_data(RunConfig(**base, seed=1), corpus)[0], eval_data(a, corpus)[0])
