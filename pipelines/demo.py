@@ -149,19 +149,10 @@ def prior_stages(parent: str) -> dict[str, tuple[str, str]]:
 
 def child(parent: str, pipeline: str) -> str:
     """The newest run of `pipeline` nested under the demo's parent run."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking.tracking_uri())
-    exp = client.get_run(parent).info.experiment_id
-    runs = client.search_runs(
-        [exp],
-        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.pipeline = '{pipeline}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
+    found = prior_stages(parent).get(pipeline)
+    if found is None:
         raise RuntimeError(f"the {pipeline} stage logged no run under the demo run {parent}")
-    return runs[0].info.run_id
+    return found[0]
 
 
 def close_killed(client, experiment_id: str) -> list[str]:
