@@ -1,7 +1,13 @@
-"""Calibrated KV caches on natural-language retrieval: a KVTuner run's maps and a PrefixKV run's budgets, one prefill.
+"""Calibrated KV caches on natural-language retrieval: a KVTuner run's maps and PrefixKV runs' budgets, one prefill.
 
     python -m benchmarks.kv_retrieval --kvtuner <text run's --work-dir> --prefixkv <prefixkv.json | runs:/<id>/prefixkv.json> \\
         --work-dir <dir> [--lengths 512 1024 2048] [--calib-n 64] [--n 500] [--ratios 0.2 0.5]
+    python -m benchmarks.kv_retrieval --prefixkv pool1=<prefixkv.json> pool5=<prefixkv.json> --work-dir <dir>
+
+``--kvtuner`` is optional (without it: the full cache and the eviction arms only). Several
+``--prefixkv`` files (each ``LABEL=FILE`` when there are more than one) are scored on the same
+queries from the same prefill, their arms named ``prefixkv-window@0.2 [LABEL]``: one command
+compares calibrations (another pooling, another calibration seed) paired query by query.
 
 The task (issue 15 item 3b): ``#key=value;`` records (``--records`` MIN MAX per sequence, one of them queried) in real filler text (the ``pydoc`` corpus by
 default: the interpreter's documentation, prose), queried at the end by ``?key=``, in the model's own
@@ -16,10 +22,10 @@ tokens (workers.data.retrieval). Exact match = every value token right under arg
    - the full cache;
    - every map the KVTuner run reported (searched maps, reversed ablations, uniform KV8 ... KV2) at
      that run's quantizer settings, and KIVI-4 / KIVI-2 at the KIVI paper's G32 R128;
-   - at each ``--ratios``: the PrefixKV budgets, the uniform budget and pyramid (all with the
-     PrefixKV run's token scoring) and recency.
-   On the first ``--external-n`` queries also transformers' ``QuantizedCache`` (quanto, 4 and 2
-   bits, its defaults), on the transformers model, from its own full-precision prefill.
+   - at each ``--ratios``: per PrefixKV file, its budgets, the uniform budget and pyramid (all with
+     that run's token scoring); recency once.
+   With a KVTuner run, on the first ``--external-n`` queries also transformers' ``QuantizedCache``
+   (quanto, 4 and 2 bits, its defaults), on the transformers model, from its own full-precision prefill.
 3. Exact match per arm with its binomial SE, paired differences (95% CI) against the full cache, and
    PrefixKV against the uniform budget at each ratio; MLflow run (pipeline kv_retrieval) with the
    per-query hits as an artifact, markdown printed.
@@ -41,7 +47,8 @@ import torch
 from workers.runtime import tracking
 
 KIVI_PAPER = {"mode": "kivi", "group": 32, "residual": 128}  # KIVI's own setting (Liu et al. 2024)
-BUDGET_ARMS = ("prefixkv", "uniform", "pyramid", "recency")
+SCORED_ARMS = ("prefixkv", "uniform", "pyramid")  # budget schedules: they use a PrefixKV run's token scoring
+UNSCORED_ARMS = ("recency",)  # the same whichever run: built once
 
 
 def choose_length(
@@ -71,24 +78,57 @@ def _hf_hits(hf, prompt, value, cache) -> list[int]:
     return exact_match(hf(input_ids=feed, cache=cache, use_cache=True).logits, value)
 
 
-def _arms(kvt_work: Path, p: dict, art, ratios, n_layers: int):
-    """(quantized arms {report name: KVQuantConfig | None}, eviction arms {result key: MethodSpec});
-    p: the KVTuner run's params."""
+def quant_arms(kvt_work: Path, p: dict, n_layers: int) -> dict:
+    """{report name: KVQuantConfig | None (full)}: every map of the KVTuner run (p: its params)
+    and KIVI-4 / KIVI-2 at the KIVI paper's setting."""
     from benchmarks.kvtuner_libraries import run_maps
     from workers.caches.precision import KVQuantConfig
-    from workers.prefixkv.evaluate import MethodSpec
 
     report = json.loads((kvt_work / "out" / "report.json").read_text())
     maps = run_maps({r["name"]: r for r in report["rows"]}, p)
     maps["KIVI-4 (G32 R128)"] = KVQuantConfig.uniform("KV4", n_layers, **KIVI_PAPER)
     maps["KIVI-2 (G32 R128)"] = KVQuantConfig.uniform("KV2", n_layers, **KIVI_PAPER)
-    mode = art.data["default_score"]
-    evict = {}
+    return maps
+
+
+def parse_prefixkv(values: list[str]) -> dict[str, str]:
+    """``--prefixkv`` values -> {label: address}; one unlabelled file gets the label "" (arms keep
+    their plain names), several must each be ``LABEL=FILE`` with distinct labels."""
+    if len(values) == 1 and not re.match(r"^\w+=", values[0]):
+        return {"": values[0]}
+    out = {}
+    for v in values:
+        m = re.match(r"^(\w+)=(.+)$", v)
+        if not m:
+            raise ValueError(f"--prefixkv {v}: with several files each must be LABEL=FILE (LABEL: letters, digits, _)")
+        if m[1] in out:
+            raise ValueError(f"--prefixkv {v}: label {m[1]!r} given twice")
+        out[m[1]] = m[2]
+    return out
+
+
+def evict_arms(arts: dict, ratios, n_layers: int) -> dict:
+    """{result key: Method}: per ratio, each PrefixKV file's scored arms (its fractions, scoring,
+    window and pool), keyed ``prefixkv-window@0.2`` or ``prefixkv-window@0.2 [LABEL]``, and the
+    unscored arms once (untagged)."""
+    from workers.prefixkv.evaluate import MethodSpec, build_method
+
+    out = {}
+    for label, art in arts.items():
+        mode = art.data["default_score"]
+        calibrated = {mode: art.fractions()}
+        window, pool = int(art.data["window"]), int(art.data.get("pool", 1))
+        for r in ratios:
+            for name in SCORED_ARMS:
+                spec = MethodSpec(name, r, mode)
+                key = f"{spec.key} [{label}]" if label else spec.key
+                out[key] = build_method(spec, n_layers, art.n_sink, window, calibrated, pool=pool)
+    first = next(iter(arts.values()))
     for r in ratios:
-        for name in BUDGET_ARMS:
-            spec = MethodSpec(name, r, mode)
-            evict[spec.key] = spec
-    return maps, evict
+        for name in UNSCORED_ARMS:
+            spec = MethodSpec(name, r)
+            out[spec.key] = build_method(spec, n_layers, first.n_sink, int(first.data["window"]), None)
+    return out
 
 
 def _ci(d: float, se: float) -> str:
@@ -135,6 +175,17 @@ def markdown(res: dict) -> str:
     return "\n".join(out)
 
 
+def model_address(kvtuner_params: dict, arts: dict) -> str:
+    """The one model every input was calibrated on: the KVTuner run's, else the PrefixKV files'."""
+    named = {"--kvtuner": kvtuner_params.get("model")} if kvtuner_params else {}
+    named |= {f"--prefixkv {label or 'file'}": art.data.get("model") for label, art in arts.items()}
+    models = {m for m in named.values() if m is not None}
+    if len(models) != 1:
+        given = ", ".join(f"{k}: {v!r}" for k, v in named.items())
+        raise ValueError(f"the inputs must name one model ({given})")
+    return models.pop()
+
+
 @torch.no_grad()
 def run(a, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
@@ -146,16 +197,14 @@ def run(a, work: Path) -> dict:
     from workers.kvtuner.evaluate import cache_factory
     from workers.model.hf.address import load_any, load_tokenizer, local_dir
     from workers.prefixkv import artifact as pkv
-    from workers.prefixkv.evaluate import build_method
 
-    kvt_run, p = run_params(a.kvtuner)
-    art = pkv.load(a.prefixkv)
-    model_addr = p["model"]
-    if art.data.get("model") not in (None, model_addr):
-        raise SystemExit(f"--prefixkv is for {art.data['model']!r}, the KVTuner run for {model_addr!r}")
+    kvt_run, p = run_params(a.kvtuner) if a.kvtuner else (None, {})
+    arts = {label: pkv.load(f) for label, f in a.prefixkv.items()}
+    model_addr = model_address(p, arts)
     tok, model = load_tokenizer(model_addr), load_any(model_addr)
     L = model.cfg.n_layers
-    art.check_layers(L)
+    for art in arts.values():
+        art.check_layers(L)
     corpus = load_corpus(a.corpus)
     records = {"min_records": a.records[0], "max_records": a.records[1]}
 
@@ -172,10 +221,8 @@ def run(a, work: Path) -> dict:
         corpus.heldout, n=a.n, length=chosen["length"], seed=a.seed + 1, split="heldout", tokenizer=tok, **records
     )
 
-    maps, evict = _arms(a.kvtuner, p, art, a.ratios, L)
-    calibrated = {art.data["default_score"]: art.fractions()}
-    window, pool = int(art.data["window"]), int(art.data.get("pool", 1))
-    methods = {k: build_method(s, L, art.n_sink, window, calibrated, pool=pool) for k, s in evict.items()}
+    maps = quant_arms(a.kvtuner, p, L) if a.kvtuner else {"full": None}
+    methods = evict_arms(arts, a.ratios, L)
     scores = [m.score for m in methods.values()]
     hf_arms = {"quanto 4-bit (G64 R128)": 4, "quanto 2-bit (G64 R128)": 2}
     hf = None
@@ -194,7 +241,7 @@ def run(a, work: Path) -> dict:
         for name, m in methods.items():
             hits[name] = exact_match(continuation_logits(model, c, y, prefilled=pre, **m.forward_kwargs()), y)
         del pre
-        if i < a.external_n:
+        if a.kvtuner and i < a.external_n:
             if hf is None:
                 hf = AutoModelForCausalLM.from_pretrained(local_dir(model_addr), dtype=torch.float32).eval()
             kv = hf_prefill(hf, c)
@@ -224,7 +271,7 @@ def run(a, work: Path) -> dict:
         "n": len(per["full"]),
         "kvtuner_run": kvt_run,
         "full_disagreements_transformers": disagree,
-        "prefixkv": str(a.prefixkv),
+        "prefixkv": a.prefixkv,
         "rows": summarize(per),
         "hits": per,
     }
@@ -232,8 +279,14 @@ def run(a, work: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kv_retrieval", description=__doc__.splitlines()[0])
-    p.add_argument("--kvtuner", required=True, type=Path, help="a finished text run's pipelines.kvtuner --work-dir")
-    p.add_argument("--prefixkv", required=True, help="prefixkv.json of a PrefixKV run on the same model (path, runs:/)")
+    p.add_argument("--kvtuner", type=Path, help="a finished text run's pipelines.kvtuner --work-dir (optional)")
+    p.add_argument(
+        "--prefixkv",
+        required=True,
+        nargs="+",
+        metavar="[LABEL=]FILE",
+        help="prefixkv.json of PrefixKV runs on the same model (path, run id, runs:/); LABEL=FILE each when several",
+    )
     p.add_argument("--work-dir", required=True, type=Path, help="resumable state of this benchmark")
     p.add_argument("--corpus", default="pydoc", help="filler text source")
     p.add_argument(
@@ -250,8 +303,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: kv_retrieval)")
     a = p.parse_args(argv)
-    if not (a.kvtuner / "run_id").is_file() or not (a.kvtuner / "out" / "report.json").is_file():
+    if a.kvtuner and not ((a.kvtuner / "run_id").is_file() and (a.kvtuner / "out" / "report.json").is_file()):
         p.error(f"--kvtuner {a.kvtuner}: no run_id and out/report.json (not a finished pipelines.kvtuner run)")
+    try:
+        a.prefixkv = parse_prefixkv(a.prefixkv)
+    except ValueError as e:
+        p.error(str(e))
     for name in ("calib_n", "n", "batch", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: must be >= 1")
@@ -264,20 +321,28 @@ def main(argv=None) -> int:
     bad = [r for r in a.ratios if not 0 < r < 1]
     if bad:
         p.error(f"--ratios {bad[0]}: a keep ratio must be in (0, 1)")
-    try:  # the KVTuner run's params come from this store: a run of another store is bad input
-        tracking.check_run((a.kvtuner / "run_id").read_text().strip(), f"--kvtuner {a.kvtuner}: run")
-    except tracking.TrackingError as e:
-        p.error(str(e))
     from benchmarks.kvtuner_libraries import run_params
+    from workers.prefixkv import artifact as pkv
 
-    model = run_params(a.kvtuner)[1]["model"]
+    try:  # every input is read (and checked) before any work: the KVTuner run's params come from this store
+        if a.kvtuner:
+            tracking.check_run((a.kvtuner / "run_id").read_text().strip(), f"--kvtuner {a.kvtuner}: run")
+        arts = {}
+        for label, f in a.prefixkv.items():
+            try:
+                arts[label] = pkv.load(f)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"--prefixkv {f}: {e}") from e
+        model = model_address(run_params(a.kvtuner)[1] if a.kvtuner else {}, arts)
+    except (tracking.TrackingError, ValueError, OSError) as e:
+        p.error(str(e))
     torch.set_num_threads(a.threads)
     a.work_dir.mkdir(parents=True, exist_ok=True)
     id_file = a.work_dir / "run_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     if run_id:
         tracking.mark_failed_if_running(run_id)
-    params = {k: str(v) for k, v in vars(a).items() if k != "experiment"}
+    params = {k: str(v) for k, v in vars(a).items() if k != "experiment"} | {"model": model}
     with tracking.start_run(
         "kv_retrieval", experiment=a.experiment, run_name=f"kv-retrieval-{model}", params=params, run_id=run_id
     ) as active:

@@ -142,6 +142,7 @@ def _ci(d: float, se: float) -> str:
 def compare(work: Path, windows: int | None, greedy_n: int, greedy_tokens: int, batch: int) -> dict:
     from transformers import AutoModelForCausalLM
 
+    from pipelines.kvtuner import heldout_seed
     from workers.caches.precision import KVQuantConfig
     from workers.caches.protocol import KVView
     from workers.data.corpus import load_corpus
@@ -162,7 +163,7 @@ def compare(work: Path, windows: int | None, greedy_n: int, greedy_tokens: int, 
         load_corpus(p["corpus"]),
         "heldout",
         int(p["report_n"]),
-        int(p["seed"]) + 3,  # pipelines.kvtuner's held-out seed offset
+        heldout_seed(p),
         int(p["length"]),
         int(p["continuation"]),
         (0, 1),

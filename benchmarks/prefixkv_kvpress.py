@@ -232,7 +232,8 @@ def retrieval_run_queries(work: str, n: int):
     work = Path(work)
     run_id = (work / "run_id").read_text().strip()
     p = mlflow.get_run(run_id).data.params
-    model = run_params(Path(p["kvtuner"]))[1]["model"]
+    # runs before the `model` param was logged always had a KVTuner run, whose params name it
+    model = p["model"] if "model" in p else run_params(Path(p["kvtuner"]))[1]["model"]
     length = json.loads((work / "length.json").read_text())["length"]
     lo, hi = ast.literal_eval(p["records"])
     n = min(n, int(p["n"]))

@@ -26,11 +26,13 @@ def held_out(pipeline: str, params: dict[str, str], tokenizer) -> tuple[torch.Te
     """(context [N, C], continuation [N, M], the metric the run logged its full-precision NLL as)."""
     corpus = load_corpus(params["corpus"])
     if pipeline == "kvtuner":
+        from pipelines.kvtuner import heldout_seed
         from workers.kvtuner.evaluate import build_data
 
-        p = {k: int(params[k]) for k in ("report_n", "seed", "length", "continuation")}
+        p = {k: int(params[k]) for k in ("report_n", "length", "continuation")}
+        seed = heldout_seed(params)
         d = build_data(
-            "text", corpus, "heldout", p["report_n"], p["seed"] + 3, p["length"], p["continuation"], tokenizer=tokenizer
+            "text", corpus, "heldout", p["report_n"], seed, p["length"], p["continuation"], tokenizer=tokenizer
         )
         return d.context, d.continuation, "heldout_full"
     from pipelines import prefixkv
@@ -38,6 +40,8 @@ def held_out(pipeline: str, params: dict[str, str], tokenizer) -> tuple[torch.Te
     argv = ["--model", params["model"], "--corpus", params["corpus"], "--seed", params["seed"]]
     for k in ("context", "continuation", "eval_samples"):
         argv += [f"--{k.replace('_', '-')}", params[k]]
+    if params.get("eval_seed") not in (None, "None"):
+        argv += ["--eval-seed", params["eval_seed"]]
     context, continuation = prefixkv.eval_data(prefixkv.parse_args(argv), corpus, tokenizer)
     return context, continuation, "nll_full_r1"
 

@@ -49,6 +49,16 @@ PIPELINE = "kvtuner"
 TASKS = ("text", "retrieval")
 
 
+HELDOUT_OFFSET = 3  # calibration examples are drawn with seed + 1, validation with seed + 2
+
+
+def heldout_seed(params: dict) -> int:
+    """The held-out examples' seed of a run, from its config or its MLflow params (strings; runs
+    logged before --eval-seed have none)."""
+    e = params.get("eval_seed")
+    return int(params["seed"]) + HELDOUT_OFFSET if e in (None, "None") else int(e)
+
+
 @dataclass(frozen=True)
 class KVTunerConfig:
     model: str
@@ -69,6 +79,7 @@ class KVTunerConfig:
     report_n: int = 256
     fidelity2: bool = True
     seed: int = 0
+    eval_seed: int | None = None  # held-out examples' seed; None: seed + HELDOUT_OFFSET
     corpus: str = "pydoc"
     dtype: str | None = None  # None: fp32 (the search runs on CPU)
     actors: int = 2
@@ -100,6 +111,10 @@ class KVTunerConfig:
         if self.cpus_per_actor <= 0:
             raise ValueError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor!r}")
         dtype_name(self.dtype)  # a bad name fails here, naming it
+
+    @property
+    def heldout_seed(self) -> int:
+        return heldout_seed(self.to_params())
 
     def quant(self) -> dict:
         """Quantizer settings shared by every cache of the run (KVQuantConfig keyword arguments)."""
@@ -142,6 +157,9 @@ def parse_args(argv=None) -> KVTunerConfig:
     p.add_argument("--report-n", type=int, default=256, help="held-out examples for the report")
     p.add_argument("--fidelity2", action=argparse.BooleanOptionalAction, default=True, help="second fidelity")
     p.add_argument("--seed", type=int, default=0, help="seed of data sampling and NSGA-II")
+    p.add_argument(
+        "--eval-seed", type=int, default=None, help="held-out examples' seed (default --seed + 3): fixed across seeds"
+    )
     p.add_argument("--corpus", default="pydoc", help="corpus source (pydoc, stdlib, .txt, .jsonl, .parquet)")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="model dtype (default fp32 on CPU)")
     p.add_argument("--actors", type=int, default=2, help="profile/evaluation actors (and concurrent trials)")
@@ -194,10 +212,10 @@ def main(argv=None) -> dict:
     check_work_dir(cfg, work)  # before the data is built: a wrong work dir fails at once
     corpus = load_corpus(cfg.corpus)
     data = lambda split, n, seed, part=(0, 1): build_data(
-        cfg.task, corpus, split, n, cfg.seed + seed, cfg.length, cfg.continuation, part, tokenizer
+        cfg.task, corpus, split, n, seed, cfg.length, cfg.continuation, part, tokenizer
     )
-    calib, valid = data("calib", cfg.calib_n, 1, (0, 2)), data("calib", cfg.valid_n, 2, (1, 2))
-    report = data("heldout", cfg.report_n, 3)
+    calib, valid = data("calib", cfg.calib_n, cfg.seed + 1, (0, 2)), data("calib", cfg.valid_n, cfg.seed + 2, (1, 2))
+    report = data("heldout", cfg.report_n, cfg.heldout_seed)
     run_file = work / "run_id"
     run_id = run_file.read_text().strip() if run_file.is_file() else None
     if run_id:

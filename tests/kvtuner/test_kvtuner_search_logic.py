@@ -102,6 +102,17 @@ def test_driver_config_errors_before_work(tmp_path):
         model_shape(f"hf:{tmp_path / 'nope'}")
 
 
+def test_eval_seed_fixes_the_held_out_examples_across_calibration_seeds():
+    from pipelines.kvtuner import heldout_seed, parse_args
+
+    base = ["--model", "x"]
+    assert parse_args(base).heldout_seed == 3 and parse_args([*base, "--seed", "1"]).heldout_seed == 4
+    assert parse_args([*base, "--seed", "1", "--eval-seed", "3"]).heldout_seed == 3
+    # what benchmarks rebuild from a run's MLflow params (strings; older runs have no eval_seed)
+    assert heldout_seed({"seed": "2"}) == 5 and heldout_seed({"seed": "2", "eval_seed": "None"}) == 5
+    assert heldout_seed({"seed": "2", "eval_seed": "3"}) == 3
+
+
 def test_nearest_candidate_stands_in_for_pruned_pairs():
     from tuning.kvtuner.space import nearest_candidate
 
