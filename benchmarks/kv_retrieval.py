@@ -162,8 +162,15 @@ def markdown(res: dict) -> str:
         f"{res['records'][1]} key-value records each (filler `{res['corpus']}`, "
         f"length chosen on {res['calib_n']} calibration queries: full-cache exact match "
         + ", ".join(f"{k}: {v:.3f}" for k, v in res["calib_em"].items())
-        + f"; KVTuner run `{res['kvtuner_run']}`, PrefixKV file `{res['prefixkv']}`; transformers' full cache and "
-        f"ours disagree on {res['full_disagreements_transformers']} of the QuantizedCache queries.",
+        + (f"; KVTuner run `{res['kvtuner_run']}`" if res["kvtuner_run"] else "; no KVTuner run")
+        + "; PrefixKV "
+        + ", ".join(f"{lab} = `{f}`" if lab else f"`{f}`" for lab, f in res["prefixkv"].items())
+        + (
+            f"; transformers' full cache and ours disagree on {res['full_disagreements_transformers']} of the "
+            "QuantizedCache queries."
+            if res["kvtuner_run"]
+            else "."
+        ),
         "",
         "| cache | n | exact match (± SE) | minus full (95% CI) | PrefixKV minus uniform (95% CI) |",
         "|---|---|---|---|---|",
@@ -199,7 +206,7 @@ def run(a, work: Path) -> dict:
     from workers.prefixkv import artifact as pkv
 
     kvt_run, p = run_params(a.kvtuner) if a.kvtuner else (None, {})
-    arts = {label: pkv.load(f) for label, f in a.prefixkv.items()}
+    arts = {label: pkv.load(f) for label, f in a.prefixkv_files.items()}
     model_addr = model_address(p, arts)
     tok, model = load_tokenizer(model_addr), load_any(model_addr)
     L = model.cfg.n_layers
@@ -271,7 +278,7 @@ def run(a, work: Path) -> dict:
         "n": len(per["full"]),
         "kvtuner_run": kvt_run,
         "full_disagreements_transformers": disagree,
-        "prefixkv": a.prefixkv,
+        "prefixkv": a.prefixkv_files,
         "rows": summarize(per),
         "hits": per,
     }
@@ -302,11 +309,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="queries per forward")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: kv_retrieval)")
+    p.add_argument("--run-name", default=None, help="MLflow run name (default: kv-retrieval-<model>)")
     a = p.parse_args(argv)
     if a.kvtuner and not ((a.kvtuner / "run_id").is_file() and (a.kvtuner / "out" / "report.json").is_file()):
         p.error(f"--kvtuner {a.kvtuner}: no run_id and out/report.json (not a finished pipelines.kvtuner run)")
     try:
-        a.prefixkv = parse_prefixkv(a.prefixkv)
+        a.prefixkv_files = parse_prefixkv(a.prefixkv)
     except ValueError as e:
         p.error(str(e))
     for name in ("calib_n", "n", "batch", "threads"):
@@ -328,7 +336,7 @@ def main(argv=None) -> int:
         if a.kvtuner:
             tracking.check_run((a.kvtuner / "run_id").read_text().strip(), f"--kvtuner {a.kvtuner}: run")
         arts = {}
-        for label, f in a.prefixkv.items():
+        for label, f in a.prefixkv_files.items():
             try:
                 arts[label] = pkv.load(f)
             except (ValueError, OSError) as e:
@@ -342,9 +350,14 @@ def main(argv=None) -> int:
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     if run_id:
         tracking.mark_failed_if_running(run_id)
-    params = {k: str(v) for k, v in vars(a).items() if k != "experiment"} | {"model": model}
+    params = {k: str(v) for k, v in vars(a).items() if k not in ("experiment", "run_name", "prefixkv_files")}
+    params |= {"prefixkv": " ".join(a.prefixkv), "model": model}  # one file: the param as runs before labels logged it
     with tracking.start_run(
-        "kv_retrieval", experiment=a.experiment, run_name=f"kv-retrieval-{model}", params=params, run_id=run_id
+        "kv_retrieval",
+        experiment=a.experiment,
+        run_name=a.run_name or f"kv-retrieval-{model}",
+        params=params,
+        run_id=run_id,
     ) as active:
         id_file.write_text(active.info.run_id)
         res = run(a, a.work_dir)

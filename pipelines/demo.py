@@ -275,6 +275,8 @@ def run_stages(
             str(work / "retrieval"),
             "--ratios",
             str(preset.keep_ratio),
+            "--run-name",
+            f"demo-{name}-kv-retrieval-{REAL_MODEL}",
             *preset.retrieval,
         ],
     )

@@ -11,10 +11,12 @@ child and the trained model's run, and writes one PNG per page. Needs a `chromiu
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -36,7 +38,7 @@ def _wait(url: str, seconds: float = 60.0) -> None:
     raise RuntimeError(f"mlflow ui did not answer at {url} within {seconds:.0f} s")
 
 
-def shoot(browser: str, url: str, out: Path, size: str = "1600,1000") -> None:
+def shoot(browser: str, url: str, out: Path, size: str = "2000,1100") -> None:
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={size}"]
     cmd += ["--virtual-time-budget=15000", f"--screenshot={out}", url]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
@@ -48,7 +50,13 @@ def pages(client: MlflowClient, parent: str) -> dict[str, str]:
     exp = run.info.experiment_id
     kids = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
     by = {k.data.tags.get("pipeline"): k.info.run_id for k in kids}
-    out = {"demo_runs": f"#/experiments/{exp}/runs", "demo_parent": f"#/experiments/{exp}/runs/{parent}"}
+    # the run list folds the stages under the parent: MLflow's compare page shows them side by side
+    ids = urllib.parse.quote(json.dumps([k.info.run_id for k in kids]))
+    out = {
+        "demo_runs": f"#/experiments/{exp}/runs",
+        "demo_stages": f"#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp]))}",
+        "demo_parent": f"#/experiments/{exp}/runs/{parent}",
+    }
     if "kvtuner" in by:
         out["kvtuner_run"] = f"#/experiments/{exp}/runs/{by['kvtuner']}"
     if "train_moe" in by:

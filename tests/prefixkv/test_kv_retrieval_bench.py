@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks.kv_retrieval import summarize
+from benchmarks.kv_retrieval import markdown, summarize
 
 
 def test_summary_pairs_each_arm_with_full_and_prefixkv_with_uniform_at_its_ratio():
@@ -100,6 +100,13 @@ def test_several_prefixkv_files_are_scored_side_by_side_and_paired_with_their_ow
         )
     }
     assert rows["prefixkv-window@0.2 [pool5]"]["minus_uniform"] == pytest.approx(0.5)  # its own file's uniform
+    res = {
+        "model": "m", "n": 4, "length": 64, "records": [2, 4], "corpus": "pydoc", "calib_n": 8, "calib_em": {"64": 1.0},
+        "kvtuner_run": None, "prefixkv": {"pool1": "a.json", "pool5": "b.json"}, "rows": list(rows.values()),
+    }  # fmt: skip
+    text = markdown(res)
+    assert "no KVTuner run; PrefixKV pool1 = `a.json`, pool5 = `b.json`." in text
+    assert "| prefixkv-window@0.2 [pool5] | 4 | 0.750" in text
 
 
 def test_prefixkv_labels_and_model_checks():
