@@ -131,6 +131,25 @@ def evict_arms(arts: dict, ratios, n_layers: int) -> dict:
     return out
 
 
+ARM_KEY = re.compile(r"^(?P<method>[\w-]+)@(?P<keep>[0-9.]+)(?: \[(?P<label>\w+)\])?$")
+
+
+def split_key(key: str) -> tuple[str, float, str] | None:
+    """An eviction arm's key -> (method label, keep ratio, PrefixKV file label or ""); None for
+    the others (full, quantized maps, external caches)."""
+    m = ARM_KEY.match(key)
+    return (m["method"], float(m["keep"]), m["label"] or "") if m else None
+
+
+def uniform_of(key: str) -> str | None:
+    """The uniform-budget arm a PrefixKV arm is paired with: same scoring, keep and file."""
+    parts = split_key(key)
+    if parts is None or not parts[0].startswith("prefixkv-"):
+        return None
+    method, keep, label = parts
+    return f"uniform-{method[len('prefixkv-') :]}@{keep:g}" + (f" [{label}]" if label else "")
+
+
 def _ci(d: float, se: float) -> str:
     return f"{d:+.3f} ± {se:.3f} [{d - 1.96 * se:+.3f}, {d + 1.96 * se:+.3f}]"
 
@@ -146,9 +165,9 @@ def summarize(hits: dict[str, list[int]]) -> list[dict]:
         full = hits["full"][: len(h)]
         if name != "full":
             row["minus_full"], row["minus_full_se"] = paired_difference([float(x) for x in h], [float(x) for x in full])
-        m = re.match(r"prefixkv-(\w+)@(.+)$", name)
-        if m and f"uniform-{m[1]}@{m[2]}" in hits:
-            uni = hits[f"uniform-{m[1]}@{m[2]}"]
+        uni_key = uniform_of(name)
+        if uni_key in hits:
+            uni = hits[uni_key]
             row["minus_uniform"], row["minus_uniform_se"] = paired_difference(
                 [float(x) for x in h], [float(x) for x in uni]
             )

@@ -319,6 +319,7 @@ def kvpress_retrieval_run(a, ratios) -> dict:
 def report_retrieval_run(a, kv, ours, t0) -> dict:
     """Presses' exact match paired against the kvpress full cache and the run's uniform budget at
     the same keep; the run's own PrefixKV and uniform rows on the same queries beside them."""
+    from benchmarks.kv_retrieval import split_key, uniform_of
     from workers.stats import ci95
 
     def ci(d, se):
@@ -327,6 +328,8 @@ def report_retrieval_run(a, kv, ours, t0) -> dict:
 
     full = kv["rows"].pop("full@1")
     n = len(full["hits"])
+    labels = sorted({split_key(k)[2] for k in ours["logged"] if split_key(k)} - {""})  # "": unlabelled arms
+    first = labels[0] if labels else ""
     greedy_differ = sum(x != y for x, y in zip(full["greedy"], ours["full_greedy"]))
     out = {
         "transformers": {"kvpress": kv["transformers"], "calibray": ours["transformers"]},
@@ -339,25 +342,28 @@ def report_retrieval_run(a, kv, ours, t0) -> dict:
         "rows": [],
         "seconds": round(time.time() - t0, 1),
     }
-    rows = {k: {"hits": v} for k, v in ours["logged"].items() if "@" in k}
+    rows = {k: {"hits": v} for k, v in ours["logged"].items() if split_key(k)}
     rows.update(kv["rows"])
-    keeps = {f"@{float(r):g}" for r in a.ratios.split(",")}
-    rows = {k: v for k, v in rows.items() if "@" + k.split("@")[1] in keeps}
+    keeps = {float(r) for r in a.ratios.split(",")}
+    rows = {k: v for k, v in rows.items() if split_key(k)[1] in keeps}
     em0 = sum(full["hits"]) / n
     lines = [
         f"Run `{ours['run_id']}`'s first {n} held-out queries on `{ours['model']}`: full cache exact match "
         f"{em0:.3f} (kvpress's transformers {kv['transformers']}, ours {ours['transformers']}); the two full "
         f"caches' greedy value tokens differ on {greedy_differ} of {n} queries, their answers on "
-        f"{out['full_hits_differ_from_run']} (kvpress against the run's logged answers).",
+        f"{out['full_hits_differ_from_run']} (kvpress against the run's logged answers)."
+        + (f" Presses are paired with the uniform budget of PrefixKV file `{first}`." if first else ""),
         "",
         "| method@keep | exact match (± SE) | minus full (95% CI) | minus uniform budget (95% CI) | KV bytes / full |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for key, row in sorted(rows.items(), key=lambda kv_: (float(kv_[0].split("@")[1]), kv_[0])):
+    for key, row in sorted(rows.items(), key=lambda kv_: (split_key(kv_[0])[1], kv_[0])):
         h = [float(x) for x in row["hits"]]
         em, se = mean_se(h)
         d, dse = paired_difference(h, [float(x) for x in full["hits"]])
-        uni = ours["logged"].get(f"uniform-window@{key.split('@')[1]}")
+        # our arms against their own file's uniform budget; a press against the first file's
+        method, keep, label = split_key(key)
+        uni = ours["logged"].get(uniform_of(key) or f"uniform-window@{keep:g}" + (f" [{first}]" if first else ""))
         du, duse = (
             paired_difference(h, [float(x) for x in uni]) if uni and not key.startswith("uniform") else (None, None)
         )

@@ -78,3 +78,39 @@ def test_calibray_half_runs_both_settings(tiny, corpus, tmp_path):
     assert rows["aware/full@1"]["nll"] == pytest.approx(rows["agnostic/full@1"]["nll"], abs=1e-4)
     half = rows["aware/calibray-uniform-window@0.5"]["kv_bytes"] / rows["aware/full@1"]["kv_bytes"]
     assert half == pytest.approx(0.5, abs=0.02)
+
+
+def test_retrieval_run_report_pairs_labelled_arms_with_their_own_uniform_and_presses_with_the_first():
+    """--retrieval-run on a kv_retrieval run of two labelled PrefixKV files (the report half: no kvpress needed)."""
+    import argparse
+
+    from benchmarks.prefixkv_kvpress import report_retrieval_run
+
+    logged = {
+        "full": [1, 1, 1, 1],
+        "prefixkv-window@0.2 [a]": [1, 1, 0, 0],
+        "uniform-window@0.2 [a]": [1, 0, 0, 0],
+        "prefixkv-window@0.2 [b]": [1, 1, 1, 0],
+        "uniform-window@0.2 [b]": [1, 1, 1, 1],
+        "recency@0.2": [0, 0, 0, 0],
+        "prefixkv-window@0.5 [a]": [1, 1, 1, 1],  # another keep: left out of a 0.2 report
+    }
+    kv = {
+        "transformers": "5.2",
+        "rows": {
+            "full@1": {"hits": [1, 1, 1, 1], "kv_bytes": 100},
+            "kvpress-snapkv@0.2": {"hits": [1, 1, 0, 1], "kv_bytes": 20},
+        },
+    }
+    ours = {"run_id": "r", "model": "m", "transformers": "5.24", "full_greedy": [[1]] * 4, "logged": logged}
+    kv["rows"]["full@1"]["greedy"] = [[1]] * 4
+    out = report_retrieval_run(argparse.Namespace(ratios="0.2"), kv, ours, 0.0)
+    rows = {r["key"]: r for r in out["rows"]}
+    assert set(rows) == {
+        "prefixkv-window@0.2 [a]", "uniform-window@0.2 [a]", "prefixkv-window@0.2 [b]", "uniform-window@0.2 [b]",
+        "recency@0.2", "kvpress-snapkv@0.2",
+    }  # fmt: skip
+    assert rows["prefixkv-window@0.2 [a]"]["diff_vs_uniform"] == pytest.approx(0.25)  # its own file's uniform
+    assert rows["prefixkv-window@0.2 [b]"]["diff_vs_uniform"] == pytest.approx(-0.25)
+    assert rows["kvpress-snapkv@0.2"]["diff_vs_uniform"] == pytest.approx(0.5)  # the first file's uniform
+    assert rows["kvpress-snapkv@0.2"]["kv_ratio"] == pytest.approx(0.2) and out["full_greedy_differ"] == 0
