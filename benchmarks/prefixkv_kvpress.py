@@ -362,7 +362,7 @@ def report_retrieval_run(a, kv, ours, t0) -> dict:
         em, se = mean_se(h)
         d, dse = paired_difference(h, [float(x) for x in full["hits"]])
         # our arms against their own file's uniform budget; a press against the first file's
-        method, keep, label = split_key(key)
+        keep = split_key(key)[1]
         uni = ours["logged"].get(uniform_of(key) or f"uniform-window@{keep:g}" + (f" [{first}]" if first else ""))
         du, duse = (
             paired_difference(h, [float(x) for x in uni]) if uni and not key.startswith("uniform") else (None, None)

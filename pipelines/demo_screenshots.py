@@ -3,8 +3,8 @@
     python -m pipelines.demo_screenshots [--run <demo parent run id>] [--out docs/img]
 
 Starts `mlflow ui` on 127.0.0.1 against the store the demo wrote (MLFLOW_TRACKING_URI or the
-repository's mlruns.db), opens the demo experiment's run list, the demo's parent run, its KVTuner
-child and the trained model's run, and writes one PNG per page. Needs a `chromium` binary
+repository's mlruns.db), opens the demo experiment's run list, MLflow's compare view of the stage
+runs, the demo's parent run, its KVTuner child and the logged models, and writes one PNG per page. Needs a `chromium` binary
 (Debian: `apt-get install chromium`).
 """
 
