@@ -92,6 +92,7 @@ def test_retrieval_run_report_pairs_labelled_arms_with_their_own_uniform_and_pre
         "uniform-window@0.2 [a]": [1, 0, 0, 0],
         "prefixkv-window@0.2 [b]": [1, 1, 1, 0],
         "uniform-window@0.2 [b]": [1, 1, 1, 1],
+        "pyramid-window@0.2 [b]": [0, 0, 0, 0],
         "recency@0.2": [0, 0, 0, 0],
         "prefixkv-window@0.5 [a]": [1, 1, 1, 1],  # another keep: left out of a 0.2 report
     }
@@ -108,8 +109,9 @@ def test_retrieval_run_report_pairs_labelled_arms_with_their_own_uniform_and_pre
     rows = {r["key"]: r for r in out["rows"]}
     assert set(rows) == {
         "prefixkv-window@0.2 [a]", "uniform-window@0.2 [a]", "prefixkv-window@0.2 [b]", "uniform-window@0.2 [b]",
-        "recency@0.2", "kvpress-snapkv@0.2",
+        "pyramid-window@0.2 [b]", "recency@0.2", "kvpress-snapkv@0.2",
     }  # fmt: skip
+    assert rows["pyramid-window@0.2 [b]"]["diff_vs_uniform"] == pytest.approx(-1.0)  # b's uniform, not a's
     assert rows["prefixkv-window@0.2 [a]"]["diff_vs_uniform"] == pytest.approx(0.25)  # its own file's uniform
     assert rows["prefixkv-window@0.2 [b]"]["diff_vs_uniform"] == pytest.approx(-0.25)
     assert rows["kvpress-snapkv@0.2"]["diff_vs_uniform"] == pytest.approx(0.5)  # the first file's uniform
