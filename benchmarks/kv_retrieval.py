@@ -112,6 +112,7 @@ def evict_arms(arts: dict, ratios, n_layers: int) -> dict:
     window and pool), keyed ``prefixkv-window@0.2`` or ``prefixkv-window@0.2 [LABEL]``, and the
     unscored arms once (untagged)."""
     from workers.prefixkv.evaluate import MethodSpec, build_method
+    from workers.prefixkv.methods import method_label
 
     out = {}
     for label, art in arts.items():
@@ -121,7 +122,7 @@ def evict_arms(arts: dict, ratios, n_layers: int) -> dict:
         for r in ratios:
             for name in SCORED_ARMS:
                 spec = MethodSpec(name, r, mode)
-                key = f"{spec.key} [{label}]" if label else spec.key
+                key = arm_key(method_label(name, mode), r, label)
                 out[key] = build_method(spec, n_layers, art.n_sink, window, calibrated, pool=pool)
     first = next(iter(arts.values()))
     for r in ratios:
@@ -134,11 +135,16 @@ def evict_arms(arts: dict, ratios, n_layers: int) -> dict:
 ARM_KEY = re.compile(r"^(?P<method>[\w-]+)@(?P<keep>[0-9.]+)(?: \[(?P<label>\w+)\])?$")
 
 
+def arm_key(method: str, keep: float, label: str = "") -> str:
+    """An eviction arm's result key: ``prefixkv-window@0.2``, with `` [LABEL]`` for a labelled file."""
+    return f"{method}@{keep:g}" + (f" [{label}]" if label else "")
+
+
 def split_key(key: str) -> tuple[str, float, str] | None:
     """An eviction arm's key -> (method label, keep ratio, PrefixKV file label or ""); None for
     the others (full, quantized maps, external caches)."""
     m = ARM_KEY.match(key)
-    return (m["method"], float(m["keep"]), m["label"] or "") if m else None
+    return (m["method"], float(m["keep"]), m["label"] or "") if m else None  # the inverse of arm_key
 
 
 def uniform_of(key: str) -> str | None:
@@ -147,7 +153,7 @@ def uniform_of(key: str) -> str | None:
     if parts is None or not parts[0].startswith("prefixkv-"):
         return None
     method, keep, label = parts
-    return f"uniform-{method[len('prefixkv-') :]}@{keep:g}" + (f" [{label}]" if label else "")
+    return arm_key("uniform-" + method[len("prefixkv-") :], keep, label)
 
 
 def _ci(d: float, se: float) -> str:
@@ -213,7 +219,8 @@ def model_address(kvtuner_params: dict, arts: dict) -> str:
 
 
 @torch.no_grad()
-def run(a, work: Path) -> dict:
+def run(a, work: Path, arts: dict) -> dict:
+    """arts: {label: PrefixKVArtifact}, as main() loaded and checked them."""
     from transformers import AutoModelForCausalLM
 
     from benchmarks.kvtuner_libraries import hf_cache, hf_prefill, run_params
@@ -222,10 +229,8 @@ def run(a, work: Path) -> dict:
     from workers.eval import continuation_logits, exact_match, prefill_scored
     from workers.kvtuner.evaluate import cache_factory
     from workers.model.hf.address import load_any, load_tokenizer, local_dir
-    from workers.prefixkv import artifact as pkv
 
     kvt_run, p = run_params(a.kvtuner) if a.kvtuner else (None, {})
-    arts = {label: pkv.load(f) for label, f in a.prefixkv_files.items()}
     model_addr = model_address(p, arts)
     tok, model = load_tokenizer(model_addr), load_any(model_addr)
     L = model.cfg.n_layers
@@ -379,7 +384,7 @@ def main(argv=None) -> int:
         run_id=run_id,
     ) as active:
         id_file.write_text(active.info.run_id)
-        res = run(a, a.work_dir)
+        res = run(a, a.work_dir, arts)
         key = tracking.metric_key
         tracking.log_metrics({f"em/{key(r['arm'])}": r["em"] for r in res["rows"]})
         for m in ("minus_full", "minus_full_se", "minus_uniform", "minus_uniform_se"):

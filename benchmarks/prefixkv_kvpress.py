@@ -319,7 +319,7 @@ def kvpress_retrieval_run(a, ratios) -> dict:
 def report_retrieval_run(a, kv, ours, t0) -> dict:
     """Presses' exact match paired against the kvpress full cache and the run's uniform budget at
     the same keep; the run's own PrefixKV and uniform rows on the same queries beside them."""
-    from benchmarks.kv_retrieval import split_key
+    from benchmarks.kv_retrieval import arm_key, split_key
     from workers.stats import ci95
 
     def ci(d, se):
@@ -363,7 +363,7 @@ def report_retrieval_run(a, kv, ours, t0) -> dict:
         d, dse = paired_difference(h, [float(x) for x in full["hits"]])
         # our arms against their own file's uniform budget; a press (no label) against the first file's
         _, keep, label = split_key(key)
-        uni = ours["logged"].get(f"uniform-window@{keep:g}" + (f" [{label or first}]" if label or first else ""))
+        uni = ours["logged"].get(arm_key("uniform-window", keep, label or first))
         du, duse = (
             paired_difference(h, [float(x) for x in uni]) if uni and not key.startswith("uniform") else (None, None)
         )
